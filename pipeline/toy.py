@@ -145,7 +145,7 @@ def train_causal_lm(
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(out.loss))
+        losses.append(out.loss.item())
     model.eval()
     return losses
 
