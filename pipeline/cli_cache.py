@@ -1,9 +1,111 @@
-"""`kdpipe` commands of this stage (placeholder until the stage lands)."""
+"""``kdpipe cache info|verify|merge|push``: inspect, check, join and share logit caches.
+
+Imports nothing heavy at module import: ``cache_format`` (numpy + pyarrow) is imported
+inside each command, torch never.
+"""
 
 from __future__ import annotations
 
+import json
+from typing import Annotated, Any
+
 import typer
+
+cache_app = typer.Typer(name="cache", help="Inspect, verify, merge and share logit caches.", no_args_is_help=True)
+
+
+def _storage_options(endpoint_url: str | None, anon: bool) -> dict[str, Any] | None:
+    opts: dict[str, Any] = {}
+    if endpoint_url:
+        opts["endpoint_url"] = endpoint_url
+    if anon:
+        opts["anon"] = True
+    return opts or None
+
+
+EndpointOpt = Annotated[str | None, typer.Option("--endpoint-url", help="S3-compatible endpoint (e.g. MinIO).")]
+AnonOpt = Annotated[bool, typer.Option("--anon", help="Read a public bucket without credentials.")]
+
+
+def cache_summary(path: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What ``kdpipe cache info`` prints, as a dict."""
+    from cache_format import open_cache
+
+    r = open_cache(path, storage_options)
+    m = r.manifest
+    ident = r.identity
+    per = m.num_positions or m.num_rows
+    return {
+        "path": path,
+        "format_version": m.format_version,
+        "created_at": m.created_at,
+        "producer": m.producer,
+        "teacher": ident.teacher,
+        "tokenizer": ident.tokenizer,
+        "recipe": ident.recipe,
+        "dataset": ident.dataset,
+        "encoding": ident.encoding.to_dict(),
+        "identity_fingerprint": ident.fingerprint(),
+        "rows": m.num_rows,
+        "tokens": m.num_tokens,
+        "positions": m.num_positions,
+        "bytes": m.num_bytes,
+        # Per target position (what a student trains on); per row for class_logits caches.
+        "bytes_per_position" if m.num_positions else "bytes_per_row": (m.num_bytes / per) if per else None,
+        "shards": len(m.shards),
+        "units": len(m.units),
+    }
+
+
+@cache_app.command("info")
+def info(path: Annotated[str, typer.Argument(help="Cache directory or URL (s3://, gs://, hf://, file://).")],
+         as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
+         endpoint_url: EndpointOpt = None, anon: AnonOpt = False) -> None:
+    """Teacher, tokenizer, encoding, rows, tokens, bytes per token and shards of a cache."""
+    s = cache_summary(path, _storage_options(endpoint_url, anon))
+    if as_json:
+        typer.echo(json.dumps(s, indent=2))
+        return
+    t, tok, enc = s["teacher"], s["tokenizer"], s["encoding"]
+    per_key = "bytes_per_position" if "bytes_per_position" in s else "bytes_per_row"
+    lines = [
+        f"cache      {s['path']}  (format {s['format_version']}, created {s['created_at']})",
+        f"teacher    {t.get('name')} @ {t.get('revision')}  dtype={t.get('dtype')} backend={t.get('backend')}",
+        f"tokenizer  {tok.get('name')}  vocab_size={tok.get('vocab_size')} model_vocab_size="
+        f"{tok.get('model_vocab_size')}  {str(tok.get('fingerprint'))[:23]}",
+        "encoding   " + " ".join(f"{k}={v}" for k, v in enc.items()),
+        f"recipe     {s['recipe'].get('task')}   dataset {s['dataset'].get('name')} {s['dataset'].get('split') or ''}",
+        f"rows       {s['rows']}   tokens {s['tokens']}   target positions {s['positions']}",
+        f"bytes      {s['bytes']}   {per_key.replace('_', ' ')} {s[per_key]:.2f}" if s[per_key] is not None
+        else f"bytes      {s['bytes']}",
+        f"shards     {s['shards']}   units {s['units']}",
+    ]
+    typer.echo("\n".join(lines))
+
+
+@cache_app.command("verify")
+def verify(path: Annotated[str, typer.Argument(help="Cache directory or URL.")],
+           quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the final line.")] = False,
+           endpoint_url: EndpointOpt = None, anon: AnonOpt = False) -> None:
+    """Check checksums, schema, counts and every row's invariants; exit 2 naming the first bad shard/row."""
+    from cache_format import verify_cache
+
+    report = verify_cache(path, _storage_options(endpoint_url, anon),
+                          progress=None if quiet else typer.echo)
+    typer.echo(f"ok: {report['shards']} shards, {report['rows']} rows, {report['positions']} target positions verified")
+
+
+@cache_app.command("merge")
+def merge(out: Annotated[str, typer.Argument(help="New (empty) output cache directory.")],
+          inputs: Annotated[list[str], typer.Argument(help="Caches written by the workers of one dump.")],
+          endpoint_url: EndpointOpt = None, anon: AnonOpt = False) -> None:
+    """Join caches of independent workers of one dump (identical identity) into one cache."""
+    from cache_format import merge_caches
+
+    m = merge_caches(out, inputs, _storage_options(endpoint_url, anon))
+    typer.echo(f"merged {len(inputs)} caches into {out}: {m['totals']['shards']} shards, {m['totals']['rows']} rows")
 
 
 def register(app: typer.Typer) -> None:
     """Add this stage's commands to the `kdpipe` app."""
+    app.add_typer(cache_app, name="cache")

@@ -1,0 +1,227 @@
+"""Vectorized encode/decode of the three encodings (numpy only, no per-token Python loops).
+
+The exact byte layout is normative and described in ``SPEC.md``; this module is its
+reference implementation. Functions here take and return flat arrays for a whole batch
+of positions; splitting into rows is the caller's job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from cache_format.errors import EncodingError, InvariantError
+
+# Value deltas are uint8, so a quantized -log-prob can reach 255 steps: 31.9 nats at step 1/8.
+# Entries below that floor (p < 1.4e-14) are clamped to it; their share of the KL is negligible.
+MAX_VALUE_CODE = 255
+# Tail code: uint16 of -ln(tail) in units of 1/TAIL_SCALE nats; TAIL_ZERO means "no tail mass".
+# 1/2048 nats resolution is a 0.05% relative error on the tail, far below the value quantization.
+TAIL_SCALE = 2048.0
+TAIL_ZERO = 65535
+# Log-prob of padding entries in decoded ``sampled`` rows: finite (so 0 * logp stays 0, never NaN)
+# and far below any real log-prob (exp() underflows to exactly 0 in float32).
+PAD_LOGPROB = -1.0e9
+# Log-probs slightly above 0 happen with float32 rounding of a near-certain token; beyond this they are bugs.
+POSITIVE_LOGPROB_TOLERANCE = 1e-4
+
+Locate = Callable[[int], str]
+
+
+def id_bytes_for(id_limit: int) -> int:
+    """Number of little-endian byte planes needed for ids < ``id_limit`` (2 up to 65,536 ids)."""
+    if id_limit <= 1 << 16:
+        return 2
+    if id_limit <= 1 << 24:
+        return 3
+    return 4
+
+
+def split_planes(ids: np.ndarray, n_bytes: int) -> list[np.ndarray]:
+    """uint8 planes of ``ids`` (byte 0 = least significant), each the same length as ``ids``."""
+    u = np.ascontiguousarray(ids, dtype="<u4").reshape(-1)
+    as_bytes = u.view(np.uint8).reshape(-1, 4)
+    return [np.ascontiguousarray(as_bytes[:, b]) for b in range(n_bytes)]
+
+
+def join_planes(planes: list[np.ndarray]) -> np.ndarray:
+    """Inverse of :func:`split_planes`: int32 ids from their uint8 planes."""
+    n = len(planes[0])
+    out = np.zeros((n, 4), dtype=np.uint8)
+    for b, plane in enumerate(planes):
+        out[:, b] = plane
+    return out.view("<u4").reshape(-1).astype(np.int32, copy=False)
+
+
+def _first_bad_row(bad: np.ndarray) -> int:
+    """Index of the first position (row of a 2-D mask) that has a True entry."""
+    return int(np.flatnonzero(bad.reshape(bad.shape[0], -1).any(axis=1))[0])
+
+
+def check_ids(ids: np.ndarray, id_limit: int, locate: Locate, field: str) -> None:
+    """Reject ids outside [0, id_limit) naming the first offender."""
+    bad = (ids < 0) | (ids >= id_limit)
+    if bad.any():
+        r = _first_bad_row(bad)
+        value = int(ids.reshape(ids.shape[0], -1)[r][bad.reshape(bad.shape[0], -1)[r]][0])
+        raise EncodingError(f"{field} at {locate(r)} holds token id {value}, outside [0, {id_limit}) "
+                            "(the identity's tokenizer.model_vocab_size/vocab_size); check the tokenizer/model pairing")
+
+
+def check_finite(x: np.ndarray, locate: Locate, field: str) -> None:
+    bad = ~np.isfinite(x)
+    if bad.any():
+        raise EncodingError(f"{field} at {locate(_first_bad_row(bad))} is NaN or infinite; the teacher produced non-finite "
+                            "log-probs (check its dtype/overflow) — NaN/inf are never written to a cache")
+
+
+@dataclass
+class EncodedTopK:
+    value_deltas: np.ndarray  # uint8 [n*k]
+    id_planes: list[np.ndarray]  # id_bytes x uint8 [n*k]
+    tail_code: np.ndarray  # uint16 [n]
+
+
+def encode_tail(tail: np.ndarray) -> np.ndarray:
+    """uint16 code of tail mass in [0, 1]: round(-ln(tail) * 2048), 65535 for tail == 0."""
+    t = np.asarray(tail, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        code = np.rint(-np.log(np.maximum(t, 0.0)) * TAIL_SCALE)
+    code = np.where(t > 0, np.clip(code, 0, TAIL_ZERO - 1), TAIL_ZERO)
+    return code.astype(np.uint16)
+
+
+def decode_tail(code: np.ndarray) -> np.ndarray:
+    """float64 tail mass from its uint16 code (65535 → 0)."""
+    c = np.asarray(code, dtype=np.float64)
+    return np.where(c >= TAIL_ZERO, 0.0, np.exp(-c / TAIL_SCALE))
+
+
+def exact_tail(logprobs: np.ndarray) -> np.ndarray:
+    """1 - sum(exp(logprobs)) per position, in float64, clipped to [0, 1]."""
+    mass = np.exp(logprobs.astype(np.float64)).sum(axis=1)
+    return np.clip(1.0 - mass, 0.0, 1.0)
+
+
+def encode_topk(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray | None, *, value_step: float,
+                id_limit: int, locate: Locate) -> EncodedTopK:
+    """Encode ``[n, k]`` ids/log-probs (any order per position) and the tail into the v1 byte streams."""
+    n, k = logprobs.shape
+    check_finite(logprobs, locate, "logprobs")
+    ids = np.asarray(ids)
+    check_ids(ids, id_limit, locate, "ids")
+    top = logprobs.max(axis=1) if k else np.zeros(n, np.float32)
+    if n and k and float(top.max()) > POSITIVE_LOGPROB_TOLERANCE:
+        row = int(np.argmax(top))
+        raise EncodingError(f"logprobs at {locate(row)} has {float(top[row]):.6g} > 0: pass log-softmax values "
+                            "(log-probabilities), not raw logits")
+    # Sort descending only where needed: teachers normally hand us torch.topk output, already sorted.
+    if k > 1 and (np.diff(logprobs, axis=1) > 0).any():
+        order = np.argsort(-logprobs, axis=1, kind="stable")
+        logprobs = np.take_along_axis(logprobs, order, axis=1)
+        ids = np.take_along_axis(ids, order, axis=1)
+    if k > 1 and ids.size:
+        s = np.sort(ids, axis=1)
+        dup = (s[:, 1:] == s[:, :-1]).any(axis=1)
+        if dup.any():
+            raise EncodingError(f"ids at {locate(int(np.flatnonzero(dup)[0]))} repeats a token id within one "
+                                "position; top-k ids must be distinct")
+    if tail is None:
+        tail_v = exact_tail(logprobs)
+    else:
+        tail_v = np.asarray(tail, dtype=np.float64).reshape(-1)
+        if tail_v.shape[0] != n:
+            raise EncodingError(f"tail has {tail_v.shape[0]} values but there are {n} target positions")
+        bad = ~np.isfinite(tail_v) | (tail_v < -1e-6) | (tail_v > 1 + 1e-6)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise EncodingError(f"tail at {locate(i)} is {tail_v[i]!r}; it must be a probability mass in [0, 1]")
+        tail_v = np.clip(tail_v, 0.0, 1.0)
+    q = np.minimum(np.rint(-logprobs.astype(np.float32) * np.float32(1.0 / value_step)), MAX_VALUE_CODE)
+    q = np.maximum(q, 0).astype(np.int16)
+    deltas = q.copy()
+    deltas[:, 1:] = q[:, 1:] - q[:, :-1]
+    return EncodedTopK(value_deltas=deltas.astype(np.uint8).reshape(-1),
+                       id_planes=split_planes(ids, id_bytes_for(id_limit)),
+                       tail_code=encode_tail(tail_v))
+
+
+def decode_topk(value_deltas: np.ndarray, id_planes: list[np.ndarray], tail_code: np.ndarray, *, k: int,
+                value_step: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Decode to ``ids`` int32 [n, k], ``logprobs`` float32 [n, k], ``tail`` float32 [n], renormalised.
+
+    The quantized top-k probabilities plus the decoded tail are divided by their sum, so the
+    k+1 buckets form a proper distribution.
+    """
+    n = len(tail_code)
+    q = np.cumsum(value_deltas.reshape(n, k), axis=1, dtype=np.int32)
+    ids = join_planes(id_planes).reshape(n, k)
+    # exp(-q*step) by table lookup: q has at most 256 values per row, exp() per entry would dominate decode.
+    table = np.exp(-np.arange(MAX_VALUE_CODE + 1, dtype=np.float64) * value_step)
+    tail = decode_tail(tail_code)
+    if q.size and int(q[:, -1].max(initial=0)) > MAX_VALUE_CODE:
+        row = int(np.argmax(q[:, -1]))
+        raise InvariantError(f"position {row}: value deltas sum to {int(q[row, -1])} > {MAX_VALUE_CODE} steps")
+    z = table[q].sum(axis=1) + tail
+    log_z = np.log(z)
+    logprobs = (q.astype(np.float32) * np.float32(-value_step)) - log_z.astype(np.float32)[:, None]
+    return ids, logprobs, (tail / z).astype(np.float32)
+
+
+@dataclass
+class EncodedSampled:
+    num_unique: np.ndarray  # uint8 [n]
+    counts: np.ndarray  # uint8 [u]
+    id_planes: list[np.ndarray]  # id_bytes x uint8 [u]
+
+
+def encode_sampled(draws: np.ndarray, *, num_draws: int, id_limit: int, locate: Locate) -> EncodedSampled:
+    """Unique ids per position with their counts, ordered by count descending then id ascending."""
+    n = draws.shape[0]
+    if draws.ndim != 2 or draws.shape[1] != num_draws:
+        raise EncodingError(f"draws must have shape [n_positions, {num_draws}] (num_draws), got {draws.shape}")
+    draws = np.asarray(draws, dtype=np.int64)
+    check_ids(draws, id_limit, locate, "draws")
+    if n == 0:
+        empty = np.zeros(0, np.uint8)
+        return EncodedSampled(empty, empty, split_planes(np.zeros(0, np.int64), id_bytes_for(id_limit)))
+    s = np.sort(draws, axis=1)
+    # Run-length encode each sorted row: a run starts where the id changes (or at column 0).
+    start = np.ones_like(s, dtype=bool)
+    start[:, 1:] = s[:, 1:] != s[:, :-1]
+    row_of = np.nonzero(start)[0]
+    flat_starts = np.flatnonzero(start.reshape(-1))
+    run_end = np.append(flat_starts[1:], s.size)
+    # Runs never cross rows because column 0 always starts a run.
+    counts = (run_end - flat_starts).astype(np.int64)
+    uids = s.reshape(-1)[flat_starts]
+    # Order within a row: count descending, then id ascending (lexsort: last key is primary).
+    order = np.lexsort((uids, -counts, row_of))
+    num_unique = np.bincount(row_of, minlength=n)
+    return EncodedSampled(num_unique=num_unique.astype(np.uint8), counts=counts[order].astype(np.uint8),
+                          id_planes=split_planes(uids[order], id_bytes_for(id_limit)))
+
+
+def decode_sampled(num_unique: np.ndarray, counts: np.ndarray, id_planes: list[np.ndarray], *,
+                   num_draws: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Padded ``ids`` int32 [n, m], ``counts`` int32 [n, m], ``logprobs`` float32 [n, m], ``tail`` [n].
+
+    ``m`` is the largest unique count in the batch; padding has id 0, count 0 and log-prob
+    ``PAD_LOGPROB``. The unbiased estimate of p(id) is count / num_draws, so logprobs = ln(count/N).
+    """
+    n = len(num_unique)
+    nu = num_unique.astype(np.int64)
+    m = int(nu.max(initial=0))
+    uids = join_planes(id_planes) if len(counts) else np.zeros(0, np.int32)
+    row = np.repeat(np.arange(n), nu)
+    starts = np.cumsum(nu) - nu
+    col = np.arange(len(counts)) - np.repeat(starts, nu)
+    ids = np.zeros((n, m), np.int32)
+    cnt = np.zeros((n, m), np.int32)
+    ids[row, col] = uids
+    cnt[row, col] = counts
+    with np.errstate(divide="ignore"):
+        lp = np.where(cnt > 0, np.log(np.maximum(cnt, 1) / float(num_draws)), PAD_LOGPROB).astype(np.float32)
+    return ids, cnt, lp, np.zeros(n, np.float32)

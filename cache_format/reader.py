@@ -1,0 +1,239 @@
+"""``open_cache()`` → ``CacheReader``: validate the manifest first, then stream shards batch by batch."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from cache_format.batches import DecodedRow
+from cache_format.errors import (
+    CacheNotFoundError,
+    ChecksumMismatchError,
+    CountMismatchError,
+    IncompleteCacheError,
+    InvariantError,
+    ShardCorruptError,
+    ShardTruncatedError,
+)
+from cache_format.identity import CacheIdentity
+from cache_format.manifest import (
+    INCOMPLETE_MARKER,
+    MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
+    Manifest,
+    ShardInfo,
+    parse_manifest,
+)
+from cache_format.shard import META_BATCH_ROWS, decode_batch, read_shard_encoding
+from cache_format.storage import Storage
+
+# Bytes hashed per read when checking a shard's sha256: large enough for throughput, small for memory.
+_HASH_CHUNK = 8 * 1024 * 1024
+_ARROW_ERRORS = (pa.ArrowInvalid, pa.ArrowIOError, pa.ArrowNotImplementedError, pa.ArrowTypeError,
+                 pa.ArrowKeyError, pa.ArrowIndexError, OSError, ValueError, IndexError)
+
+
+def open_cache(path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None, *,
+               verify_checksums: bool = False) -> CacheReader:
+    """Open a finished cache (local path, ``file://``, ``s3://``, ``gs://``, ``hf://``...).
+
+    The manifest is size-capped, schema-checked, version-checked and path-checked before any
+    shard is opened. ``verify_checksums`` also checks each shard's sha256 before reading it.
+    """
+    storage = Storage(path, storage_options)
+    if not storage.exists(MANIFEST_NAME):
+        if storage.exists(INCOMPLETE_MARKER):
+            raise IncompleteCacheError(
+                f"{storage.describe('')} is an unfinished cache (no {MANIFEST_NAME}; the dump is still running or "
+                "was interrupted): resume the dump (mode='resume' / --resume) so it finalizes, then read it")
+        raise CacheNotFoundError(f"{storage.describe(MANIFEST_NAME)} does not exist: {storage.url} is not a kdpipe "
+                                 "cache (check the path, or that the upload finished)")
+    data = storage.read_bytes(MANIFEST_NAME, MAX_MANIFEST_BYTES)
+    manifest = parse_manifest(data, storage.describe(MANIFEST_NAME))
+    return CacheReader(storage, manifest, verify_checksums=verify_checksums)
+
+
+class CacheReader:
+    """Read rows of a finished cache; see ``iter_rows`` and ``read_row``."""
+
+    def __init__(self, storage: Storage, manifest: Manifest, *, verify_checksums: bool = False) -> None:
+        self.storage = storage
+        self.manifest = manifest
+        self.verify_checksums = verify_checksums
+        self._open_index: int | None = None
+        self._open_reader: pa.ipc.RecordBatchFileReader | None = None
+        self._open_file: Any = None
+        self._open_enc: dict[str, Any] = {}
+        self._open_starts: np.ndarray = np.zeros(1, np.int64)
+
+    @property
+    def identity(self) -> CacheIdentity:
+        return self.manifest.identity
+
+    @property
+    def shard_infos(self) -> list[ShardInfo]:
+        return list(self.manifest.shards)
+
+    @property
+    def num_rows(self) -> int:
+        return self.manifest.num_rows
+
+    def __len__(self) -> int:
+        return self.manifest.num_rows
+
+    def shards_for_worker(self, worker: int, num_workers: int) -> list[int]:
+        """Shard indices of worker ``worker`` of ``num_workers`` (round robin, disjoint, covering all)."""
+        if not (isinstance(num_workers, int) and num_workers >= 1 and isinstance(worker, int)
+                and 0 <= worker < num_workers):
+            raise ValueError(f"need 0 <= worker < num_workers, got worker={worker}, num_workers={num_workers}")
+        return list(range(worker, len(self.manifest.shards), num_workers))
+
+    def iter_rows(self, shards: Sequence[int] | None = None) -> Iterator[DecodedRow]:
+        """Decoded rows of the given shards (default: all, in manifest order), one record batch in memory at a time."""
+        for batch in self.iter_batches(shards):
+            yield from batch
+
+    def iter_batches(self, shards: Sequence[int] | None = None) -> Iterator[list[DecodedRow]]:
+        """Like ``iter_rows`` but yields the decoded rows of one Arrow record batch at a time."""
+        indices = range(len(self.manifest.shards)) if shards is None else shards
+        for i in indices:
+            info = self._info(i)
+            reader, enc = self._open(i)
+            rows = positions = tokens = 0
+            for b in range(reader.num_record_batches):
+                batch = self._get_batch(reader, b, info)
+                decoded = decode_batch(batch, enc, info.name, i, rows)
+                self._check_ids(decoded, info)
+                rows += batch.num_rows
+                positions += sum(len(r.positions) for r in decoded)
+                tokens += sum(len(r.input_ids) for r in decoded)
+                yield decoded
+            check_counts(info, rows, tokens, positions)
+
+    def read_row(self, shard_index: int, row_index: int) -> DecodedRow:
+        """Random access: decode one row (reads only the record batch that holds it)."""
+        info = self._info(shard_index)
+        if not isinstance(row_index, int) or not 0 <= row_index < info.rows:
+            raise IndexError(f"row {row_index} is outside shard {info.name} (rows 0..{info.rows - 1})")
+        reader, enc = self._open(shard_index)
+        b = int(np.searchsorted(self._open_starts, row_index, side="right") - 1)
+        batch = self._get_batch(reader, b, info)
+        first = int(self._open_starts[b])
+        one = batch.slice(row_index - first, 1)
+        rows = decode_batch(one, enc, info.name, shard_index, row_index)
+        self._check_ids(rows, info)
+        return rows[0]
+
+    def close(self) -> None:
+        if self._open_file is not None:
+            self._open_file.close()
+        self._open_index = self._open_reader = self._open_file = None
+
+    def __enter__(self) -> CacheReader:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ internals
+
+    def _info(self, i: int) -> ShardInfo:
+        if not isinstance(i, int | np.integer) or not 0 <= int(i) < len(self.manifest.shards):
+            raise IndexError(f"shard index {i} is outside 0..{len(self.manifest.shards) - 1}")
+        return self.manifest.shards[int(i)]
+
+    def _open(self, i: int) -> tuple[pa.ipc.RecordBatchFileReader, dict[str, Any]]:
+        i = int(i)
+        if self._open_index == i and self._open_reader is not None:
+            return self._open_reader, self._open_enc
+        self.close()
+        info = self._info(i)
+        size = self.storage.size(info.name)
+        if size != info.bytes:
+            raise ShardTruncatedError(
+                f"shard {self.storage.describe(info.name)} is {size} bytes but the manifest says {info.bytes}: "
+                "an interrupted copy/upload or a damaged file — re-copy the cache, or re-dump this shard")
+        fh = self.storage.open(info.name)
+        if self.verify_checksums:
+            data = fh.read()
+            fh.close()
+            check_sha256(info, hashlib.sha256(data).hexdigest(), self.storage.describe(info.name))
+            fh = io.BytesIO(data)
+        try:
+            reader = pa.ipc.open_file(fh)
+        except _ARROW_ERRORS as exc:
+            fh.close()
+            raise ShardCorruptError(f"shard {self.storage.describe(info.name)} is not a readable Arrow IPC file "
+                                    f"({type(exc).__name__}: {exc}); run `kdpipe cache verify` and re-copy or "
+                                    "re-dump it") from None
+        enc = read_shard_encoding(reader.schema, info.name)
+        starts = batch_starts(reader.schema, reader.num_record_batches, info)
+        self._open_index, self._open_reader, self._open_file = i, reader, fh
+        self._open_enc, self._open_starts = enc, starts
+        return reader, enc
+
+    def _get_batch(self, reader: pa.ipc.RecordBatchFileReader, b: int, info: ShardInfo) -> pa.RecordBatch:
+        try:
+            return reader.get_batch(b)
+        except _ARROW_ERRORS as exc:
+            raise ShardCorruptError(f"shard {info.name} record batch {b} cannot be read ({type(exc).__name__}: "
+                                    f"{exc}); run `kdpipe cache verify` and re-copy or re-dump it") from None
+
+    def _check_ids(self, rows: list[DecodedRow], info: ShardInfo) -> None:
+        limit = self.identity.id_limit
+        if self.identity.encoding.kind == "class_logits":
+            return
+        for r in rows:
+            if r.ids is not None and r.ids.size and int(r.ids.max()) >= limit:
+                t = int(np.flatnonzero((r.ids >= limit).any(axis=1))[0])
+                raise InvariantError(f"shard {info.name} row {r.row_index} (sample_id {r.sample_id!r}) position "
+                                     f"{int(r.positions[t])}: token id {int(r.ids.max())} >= vocab size {limit}; "
+                                     "the cache does not match its own tokenizer identity — re-dump it")
+
+
+def batch_starts(schema: pa.Schema, num_batches: int, info: ShardInfo) -> np.ndarray:
+    """First row of each record batch (plus the total), from the shard's ``kdpipe.batch_rows`` metadata."""
+    raw = (schema.metadata or {}).get(META_BATCH_ROWS)
+    try:
+        counts = json.loads(raw) if raw is not None else None
+    except ValueError:
+        counts = None
+    if not isinstance(counts, list) or len(counts) != num_batches or not all(
+            isinstance(c, int) and c >= 0 for c in counts):
+        raise ShardCorruptError(f"shard {info.name}: schema metadata kdpipe.batch_rows is missing or does not match "
+                                f"its {num_batches} record batches; the shard is corrupt — re-dump it")
+    if sum(counts) != info.rows:
+        raise CountMismatchError(f"shard {info.name} holds {sum(counts)} rows but the manifest says {info.rows}; the "
+                                 "manifest or shard was altered — re-create the manifest with `kdpipe cache merge` "
+                                 "or re-dump")
+    return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+
+def check_counts(info: ShardInfo, rows: int, tokens: int, positions: int) -> None:
+    for what, got, want in (("rows", rows, info.rows), ("tokens", tokens, info.tokens),
+                            ("positions", positions, info.positions)):
+        if got != want:
+            raise CountMismatchError(f"shard {info.name} holds {got} {what} but the manifest says {want}; the "
+                                     "manifest or shard was altered — re-dump or re-merge the cache")
+
+
+def check_sha256(info: ShardInfo, digest: str, where: str) -> None:
+    if digest != info.sha256:
+        raise ChecksumMismatchError(f"shard {where}: sha256 {digest[:16]}… differs from the manifest's "
+                                    f"{info.sha256[:16]}…; the file changed after it was written — re-copy or "
+                                    "re-dump it")
+
+
+def sha256_of(storage: Storage, name: str) -> str:
+    h = hashlib.sha256()
+    with storage.open(name) as fh:
+        while chunk := fh.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
