@@ -168,9 +168,12 @@ def build_lm(ds: LoadedDataset, tokenizer: Any, cfg: RecipeConfig) -> RecipeResu
         bounds = np.cumsum([len(d) for d in token_docs])
         starts = np.arange(0, len(stream), L)
         windows = [stream[s : s + L] for s in starts]
-        # A document is split when a window boundary falls strictly inside it.
+        # A document is split when some window boundary falls strictly inside it.
         doc_starts = bounds - np.asarray([len(d) for d in token_docs])
-        split_docs = int(np.sum((starts[1:, None] > doc_starts[None, :]) & (starts[1:, None] < bounds[None, :])))
+        first_cut_after_start = np.searchsorted(starts, doc_starts, side="right")
+        has_cut = first_cut_after_start < len(starts)
+        cut_pos = starts[np.minimum(first_cut_after_start, len(starts) - 1)]
+        split_docs = int(np.sum(has_cut & (cut_pos < bounds)))
     else:
         for d in token_docs:
             if len(d) > L:
