@@ -64,7 +64,6 @@ class DumpConfig(StrictModel):
     encoding: Literal["topk", "sampled"] = "topk"  # why topk: exact top-k + tail, the smallest KL error per byte
     top_k: int = Field(default=64, ge=1)  # why 64: the design's operating point (<=100 B/token)
     num_draws: int = Field(default=32, ge=1, le=255)  # why 32: few unique ids per position keeps sampled caches small
-    temperature: float = Field(default=1.0, gt=0)  # why 1: the teacher's own distribution; recorded in the cache
     teacher_generates: bool = False  # why off: reference answers are the default (sequence-level KD is opt-in)
     max_new_tokens: int = Field(default=256, ge=1)  # why 256: a GSM8K solution fits comfortably
 
@@ -251,10 +250,11 @@ def _encoding(cfg: DumpConfig, info: _ModelInfo) -> Any:
             raise ModelError(f"teacher {cfg.teacher} declares no labels (num_labels); --task classification needs a "
                              "sequence classifier")
         names = [info.id2label.get(i, str(i)) for i in range(info.num_labels)]
-        return ClassLogitsEncoding(num_classes=info.num_labels, labels=names, temperature=cfg.temperature)
+        return ClassLogitsEncoding(num_classes=info.num_labels, labels=names)
+    # Temperature 1 (the teacher's own distribution): the trainer applies its own temperature.
     if cfg.encoding == "sampled":
-        return SampledEncoding(num_draws=cfg.num_draws, temperature=cfg.temperature)
-    return TopKEncoding(k=cfg.top_k, temperature=cfg.temperature)
+        return SampledEncoding(num_draws=cfg.num_draws)
+    return TopKEncoding(k=cfg.top_k)
 
 
 def _teacher_identity(cfg: DumpConfig, info: _ModelInfo) -> dict[str, Any]:
@@ -332,9 +332,6 @@ def _setup_backend(cfg: DumpConfig, tok: Any, max_length: int) -> Any:
         enforce_eager=cfg.enforce_eager, seed=cfg.seed,
         extra={"pad_token_id": tok.pad_token_id, "top_k": cfg.top_k},
     )
-    if cfg.temperature != 1.0 and cfg.task != "classification":
-        raise ConfigError("--temperature other than 1 is not supported by the dump yet (caches store T=1 "
-                          "log-probs; the trainer applies its own temperature); drop --temperature")
     return make_backend(settings)
 
 
@@ -468,8 +465,12 @@ def format_summary(s: dict[str, Any]) -> str:
     ])
 
 
-def run_dump(cfg: DumpConfig) -> dict[str, Any]:
-    """Run the dump described by ``cfg``; returns the summary (also printed by the CLI)."""
+def run_dump(cfg: DumpConfig, backend: Any = None) -> dict[str, Any]:
+    """Run the dump described by ``cfg``; returns the summary (also printed by the CLI).
+
+    ``backend``: an already loaded teacher (``pipeline.teachers.make_backend``) to reuse across
+    dumps, e.g. one vLLM engine for several caches; it must match ``cfg`` and is not closed here.
+    """
     from cache_format import CacheWriter
 
     t_start = time.perf_counter()
@@ -480,7 +481,12 @@ def run_dump(cfg: DumpConfig) -> dict[str, Any]:
     ds, recipe, rcfg = _setup_examples(cfg, tok, info, max_length)
     identity = _setup_identity(cfg, tok, info, ds, rcfg, max_length)
     _check_resume(cfg, out, identity)
-    backend = _setup_backend(cfg, tok, max_length)
+    own_backend = backend is None
+    if own_backend:
+        backend = _setup_backend(cfg, tok, max_length)
+    elif backend.name != cfg.backend:
+        raise ConfigError(f"the given teacher backend is {backend.name} but --backend is {cfg.backend}")
+    backend.timing = type(backend.timing)()  # this dump's time only
     counts = {"truncated": int(recipe.stats.get("truncated", 0)),
               "split_documents": int(recipe.stats.get("split_documents", 0)),
               "skipped": int(recipe.stats.get("skipped", 0))}
@@ -496,6 +502,7 @@ def run_dump(cfg: DumpConfig) -> dict[str, Any]:
             stats = dict(writer.stats)
         wall = time.perf_counter() - t0
     finally:
-        backend.close()
+        if own_backend:
+            backend.close()
     summary = _summary(manifest, loop, backend.timing.as_dict(), stats, wall, setup_s, counts, out.path)
     return summary
