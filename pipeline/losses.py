@@ -226,7 +226,11 @@ class HeadSpec:
 
 def head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, head: HeadSpec) -> torch.Tensor:
     """Float32 logits ``[n, V]`` from ``hidden [n, H]``, ``weight [V, H]``, ``bias [V] | None``."""
-    logits = F.linear(hidden.float(), weight.float(), None if bias is None else bias.float())
+    with torch.autocast(device_type=hidden.device.type, enabled=False):  # bf16 autocast must not downcast
+        return _scaled(F.linear(hidden.float(), weight.float(), None if bias is None else bias.float()), head)
+
+
+def _scaled(logits: torch.Tensor, head: HeadSpec) -> torch.Tensor:
     if head.logit_scale != 1.0:
         logits = logits * head.logit_scale
     if head.softcap is not None:
