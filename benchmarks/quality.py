@@ -1,0 +1,702 @@
+"""Distillation quality on real data (issue 6): does the cache-trained student actually win?
+
+One command per task, on 2 CPU cores, reproducible from a seed::
+
+    python -m benchmarks.quality --task lm --json docs/results/lm.json
+    python -m benchmarks.quality --task classification --json docs/results/classification.json
+    python -m benchmarks.quality --task reasoning --json docs/results/reasoning.json
+
+For each task, the same student architecture, the same steps and the same data order:
+
+- ``ce``: cross-entropy only (the trainer with ``alpha = 1`` on the k=64 cache, so the batches
+  are the same as the KD arms');
+- ``topk{8,32,64}``: offline KD from a ``topk`` cache, with the tail bucket (kdpipe's loss);
+- ``topk{8,32,64}-renorm``: the same caches with the tail dropped and the stored probabilities
+  renormalised to sum to one (what peers do);
+- ``sampled{N}``: offline KD from a ``sampled`` cache with ``N`` draws per position;
+- ``online``: KD from the teacher's full distribution, computed on the fly, on the same
+  batches (read from the k=64 cache's stream: only its ``input_ids`` are used) with the same
+  optimizer, schedule and loss code (``pipeline.losses`` with k = V);
+- ``teacher``: the teacher itself.
+
+Artifacts (teachers, caches, students, per-arm results) live under
+``benchmarks/.cache/quality/<task>/`` so a rerun only redoes what is missing (``--fresh`` redoes
+the arms). Results: a markdown table on stdout, ``--json FILE`` (one object per run), and
+``--plot FILE.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.common import print_table
+from benchmarks.quality_data import QROOT, SEED, param_count
+
+# --------------------------------------------------------------------------- experiment settings
+
+LM = {
+    "student": {"hidden_size": 96, "num_layers": 2},
+    "max_length": 128,
+    "cache_lines": 1200,  # first N non-heading wikitext-2 valid paragraphs form the distillation set
+    "steps": 150,
+    "batch_size": 8,
+    "lr": 3e-3,
+    "warmup_steps": 10,
+    "eval_windows": 1000,  # 128k tokens of wikitext-2 test
+    "ks": [8, 32, 64],
+    "draws": [],  # filled from measured bytes (see sampled_budget) unless given with --draws
+}
+CLS = {
+    "student": {"hidden_size": 64, "num_layers": 1},
+    "max_length": 64,
+    "epochs": 3,
+    "batch_size": 32,
+    "lr": 1e-3,
+    "unlabeled": 8000,  # wikitext sentences for the DistilBERT-style arm
+}
+REASONING = {
+    "student": {"hidden_size": 96, "num_layers": 2},
+    "max_length": 384,
+    "train_rows": 1200,
+    "steps": 150,
+    "batch_size": 8,
+    "lr": 3e-3,
+    "warmup_steps": 10,
+    "ks": [8, 32, 64],
+    "draws": [],
+    "ppl_rows": 300,
+    "em_rows": 100,
+    "template": "Question: {text}\nAnswer:",
+}
+
+
+def log(msg: str) -> None:
+    print(f"[quality {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _set_threads() -> None:
+    import torch
+
+    torch.set_num_threads(2)
+    torch.manual_seed(SEED)
+
+
+def load_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def save_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=float))
+    tmp.replace(path)
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+# --------------------------------------------------------------------------- caches
+
+
+def renormalised_copy(src: Path, dst: Path) -> dict[str, Any]:
+    """WORKAROUND (labelled in docs/RESULTS.md): the "renormalised top-k" arm.
+
+    kdpipe's loss always uses the tail bucket when the cache stores a tail > 0. Peers
+    (DistillKit and the like) instead renormalise the teacher's top-k to sum to one and drop
+    the rest. This writes a copy of a ``topk`` cache with ``logprobs - logsumexp(logprobs)``
+    and ``tail = 0``; the loss then has no tail bucket on either side (``pipeline.losses``
+    drops a bucket whose teacher mass is exactly 0), i.e. cross-entropy of the student's
+    full-vocabulary log-softmax against the renormalised top-k. Same ids, same rows, same
+    identity: only the tail handling differs.
+    """
+    from cache_format import CacheWriter, TopKBatch, open_cache
+
+    done = dst / "manifest.json"
+    if done.is_file():
+        return load_json(dst / "renorm.json") or {}
+    reader = open_cache(str(src))
+    identity = reader.manifest.identity
+    t0 = time.perf_counter()
+    with CacheWriter(str(dst), identity, mode="overwrite") as writer:
+        unit = 0
+        buf: list[Any] = []
+
+        def flush() -> None:
+            nonlocal unit, buf
+            if not buf:
+                return
+            lp = np.concatenate([r.logprobs for r in buf]).astype(np.float64)
+            mx = lp.max(-1, keepdims=True)
+            lp = lp - (mx + np.log(np.exp(lp - mx).sum(-1, keepdims=True)))
+            writer.write(TopKBatch(
+                sample_ids=[r.sample_id for r in buf], input_ids=[r.input_ids for r in buf],
+                positions=[r.positions for r in buf], ids=np.concatenate([r.ids for r in buf]),
+                logprobs=lp.astype(np.float32), tail=np.zeros(len(lp), dtype=np.float32),
+                labels=[r.label for r in buf],
+            ))
+            writer.end_unit(unit)
+            unit += 1
+            buf = []
+
+        for row in reader.iter_rows():
+            buf.append(row)
+            if len(buf) >= 256:
+                flush()
+        flush()
+        writer.finalize()
+    info = {"renorm_s": time.perf_counter() - t0, "source": str(src)}
+    save_json(dst / "renorm.json", info)
+    return info
+
+
+def cache_stats(path: Path) -> dict[str, Any]:
+    """Bytes per target token (shard bytes / stored distributions) from the manifest."""
+    import dataclasses
+
+    from cache_format import open_cache
+
+    reader = open_cache(str(path))
+    shards = reader.shard_infos
+    positions = sum(s.positions for s in shards)
+    nbytes = sum(s.bytes for s in shards)
+    enc = reader.manifest.identity.encoding
+    return {
+        "cache_bytes": nbytes,
+        "positions": positions,
+        "tokens": sum(s.tokens for s in shards),
+        "rows": sum(s.rows for s in shards),
+        "bytes_per_token": nbytes / max(positions, 1),
+        "encoding": {"kind": enc.kind, **dataclasses.asdict(enc)},
+    }
+
+
+# --------------------------------------------------------------------------- dump / train adapters
+
+
+def dump(task_dir: Path, name: str, settings: dict[str, Any], fresh: bool = False) -> dict[str, Any]:
+    """``pipeline.dump.run_dump`` into ``task_dir/caches/name``; returns its summary + cache stats."""
+    from pipeline.dump import DumpConfig, run_dump
+
+    out = task_dir / "caches" / name
+    info_path = task_dir / "caches" / f"{name}.json"
+    info = load_json(info_path)
+    if info is not None and not fresh and (out / "manifest.json").is_file():
+        return info
+    cfg = DumpConfig(out=str(out), overwrite=True, progress=False, seed=SEED, **settings)
+    log(f"dump {name}: {settings.get('encoding', 'topk')} k={settings.get('top_k')} draws={settings.get('num_draws')}")
+    t0 = time.perf_counter()
+    summary = run_dump(cfg)
+    wall = time.perf_counter() - t0
+    info = {"name": name, "path": str(out), "dump_s": wall, "summary": summary, **cache_stats(out)}
+    save_json(info_path, info)
+    log(f"dump {name}: {info['bytes_per_token']:.1f} B/token, {wall:.1f}s")
+    return info
+
+
+class _MappedLoader:
+    """A StreamLoader whose batches go through ``fn`` (same order, same checkpoint state)."""
+
+    def __init__(self, inner: Any, fn: Any) -> None:
+        self.inner, self.fn = inner, fn
+
+    def __iter__(self) -> _MappedLoader:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        return self.fn(next(self.inner))
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)
+
+
+def _make_trainer(cfg: Any, transform: Any = None) -> Any:
+    """kdpipe's Trainer, optionally with a batch transform (the renormalised and online arms), and a
+    timer around each optimizer step (data + forward + backward + update, no eval/checkpoint)."""
+    from pipeline.train import Trainer
+
+    class QualityTrainer(Trainer):
+        step_times: list[float]
+
+        def _setup_data(self) -> None:
+            super()._setup_data()
+            self.step_times = []
+            if transform is not None:
+                self.loader = _MappedLoader(self.loader, transform)
+
+        def _train_step(self) -> tuple[float, int]:
+            t0 = time.perf_counter()
+            out = super()._train_step()
+            self.step_times.append(time.perf_counter() - t0)
+            return out
+
+    return QualityTrainer(cfg)
+
+
+def train(task_dir: Path, arm: str, cache: Path, student_init: Path, settings: dict[str, Any],
+          transform: Any = None, fresh: bool = False) -> tuple[Path, dict[str, Any]]:
+    """``pipeline.train`` on ``cache`` into ``task_dir/runs/arm``; returns (student folder, summary)."""
+    from pipeline.train import TrainConfig
+
+    out = task_dir / "runs" / arm
+    info_path = task_dir / "runs" / f"{arm}.train.json"
+    info = load_json(info_path)
+    if info is not None and not fresh and (out / "config.json").is_file():
+        return out, info
+    steps = settings["max_steps"]
+    cfg = TrainConfig(cache=str(cache), out=str(out), student=str(student_init), overwrite=True, progress=False,
+                      tensorboard=False, seed=SEED, eval_every=steps, save_every=steps, keep_checkpoints=1,
+                      **settings)
+    log(f"train {arm} from {cache.name} ({steps} steps)")
+    trainer = _make_trainer(cfg, transform)
+    summary = trainer.run()
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # only the final student is needed
+    times = trainer.step_times
+    info = {
+        "arm": arm, "cache": str(cache), "steps": summary["steps"], "first_loss": summary["first_loss"],
+        "final_loss": summary["final_loss"], "tokens_seen": summary["tokens_seen"], "wall_s": summary["wall_s"],
+        "train_step_s": float(np.median(times[1:] if len(times) > 1 else times)),
+        "heldout_eval": summary.get("eval"), "config": summary.get("resolved_config"),
+    }
+    save_json(info_path, info)
+    log(f"train {arm}: loss {info['first_loss']:.3f} -> {info['final_loss']:.3f}, "
+        f"{info['train_step_s'] * 1000:.0f} ms/step")
+    return out, info
+
+
+def renorm_transform(batch: dict[str, Any]) -> dict[str, Any]:
+    """WORKAROUND (labelled in docs/RESULTS.md): renormalised top-k, what peers do.
+
+    kdpipe's trainer always uses the tail bucket a ``topk`` cache stores and has no switch to
+    drop it. This renormalises the stored top-k log-probs to sum to one and sets the tail to
+    0; ``pipeline.losses`` then drops the tail bucket on both sides, i.e. the loss is the
+    cross-entropy of the student's full-vocabulary log-softmax at the k ids against the
+    renormalised teacher top-k (plus a constant). Same cache, same rows, same order.
+    """
+    import torch
+
+    lp, valid = batch["logprobs"], batch["valid"]
+    lse = torch.logsumexp(lp.masked_fill(~valid, -math.inf), dim=-1, keepdim=True)
+    batch["logprobs"] = torch.where(valid, lp - lse, torch.full_like(lp, -math.inf))
+    batch["tail"] = torch.zeros_like(batch["tail"])
+    return batch
+
+
+def online_transform(teacher: Any) -> Any:
+    """Online KD: the teacher runs on each batch and its full-vocabulary log-softmax replaces the
+    cached targets (k = V, tail 0), so ``pipeline.losses`` computes the exact full KL. Only the
+    cache's ``input_ids``/``target_mask`` (i.e. the same rows in the same order) are used."""
+    import torch
+
+    def fn(batch: dict[str, Any]) -> dict[str, Any]:
+        with torch.no_grad():
+            logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        if "class_logits" in batch:
+            batch["class_logits"] = logits
+            return batch
+        B, T, V = logits.shape
+        batch["logprobs"] = torch.log_softmax(logits, dim=-1)
+        batch["ids"] = torch.arange(V).expand(B, T, V)
+        batch["valid"] = torch.ones((1, 1, 1), dtype=torch.bool).expand(B, T, V)
+        batch["tail"] = torch.zeros((B, T))
+        return batch
+
+    return fn
+
+
+def make_student_init(task_dir: Path, teacher_dir: Path, arch: dict[str, Any], num_labels: int | None = None) -> Path:
+    """The shared initial student (same weights for every arm), with the teacher's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from pipeline.toy import build_llama
+
+    out = task_dir / "student_init"
+    if (out / "config.json").is_file():
+        return out
+    tok = AutoTokenizer.from_pretrained(str(teacher_dir))
+    build_llama(len(tok), tokenizer=tok, seed=SEED + 1, num_labels=num_labels, out_dir=out, **arch)
+    return out
+
+
+def load_causal(path: Path) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(str(path), dtype="float32")
+    m.eval()
+    return m
+
+
+def load_classifier(path: Path) -> Any:
+    from transformers import AutoModelForSequenceClassification
+
+    m = AutoModelForSequenceClassification.from_pretrained(str(path), dtype="float32")
+    m.eval()
+    return m
+
+
+# --------------------------------------------------------------------------- experiments
+
+
+def _result(task: str, method: str, metric: str, metrics: dict[str, Any], *, params: int,
+            cache: dict[str, Any] | None = None, train: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+    r: dict[str, Any] = {"task": task, "method": method, "metric": metric, "value": metrics[metric],
+                         "metrics": metrics, "params": params}
+    if cache is not None:
+        r.update(bytes_per_token=cache["bytes_per_token"], dump_s=cache["dump_s"], cache=cache["name"],
+                 cache_bytes=cache["cache_bytes"], cache_positions=cache["positions"])
+    if train is not None:
+        r.update(train_step_s=train["train_step_s"], steps=train["steps"], final_train_loss=train["final_loss"],
+                 heldout=train.get("heldout_eval"))
+    r.update(extra)
+    return r
+
+
+def _draws_for_budget(target_bpt: float, probe: dict[str, Any]) -> int:
+    """Draws per position for a sampled cache of about ``target_bpt`` bytes/token, from a probe dump."""
+    per_draw = probe["bytes_per_token"] / probe["encoding"]["num_draws"]
+    return int(max(1, min(255, round(target_bpt / per_draw))))
+
+
+def sampled_arms(task_dir: Path, base: dict[str, Any], topk: dict[int, dict[str, Any]], draws: list[int],
+                 fresh: bool) -> dict[int, dict[str, Any]]:
+    """Sampled caches: the given draws, or draws matched to the top-k caches' bytes per token.
+
+    Matching: a probe dump with 32 draws gives bytes per draw (sub-linear in draws, since
+    repeated draws collapse into counts), then one dump per k at the matched number of draws;
+    the achieved bytes per token are reported, so the match can be checked.
+    """
+    out: dict[int, dict[str, Any]] = {}
+    if draws:
+        for n in draws:
+            out[n] = dump(task_dir, f"sampled{n}", {**base, "encoding": "sampled", "num_draws": n}, fresh)
+        return out
+    probe = dump(task_dir, "sampled32", {**base, "encoding": "sampled", "num_draws": 32}, fresh)
+    out[32] = probe
+    for k in sorted(topk):
+        n = _draws_for_budget(topk[k]["bytes_per_token"], probe)
+        if n in out:
+            continue
+        info = dump(task_dir, f"sampled{n}", {**base, "encoding": "sampled", "num_draws": n}, fresh)
+        # One correction step: bytes per draw fall as draws grow (more repeats).
+        n2 = _draws_for_budget(topk[k]["bytes_per_token"], info)
+        if n2 != n and abs(info["bytes_per_token"] / topk[k]["bytes_per_token"] - 1) > 0.15 and n2 not in out:
+            out[n] = info
+            n, info = n2, dump(task_dir, f"sampled{n2}", {**base, "encoding": "sampled", "num_draws": n2}, fresh)
+        out[n] = info
+    return out
+
+
+def run_lm(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from transformers import AutoTokenizer
+
+    from benchmarks.common import wikitext_lines
+    from benchmarks.quality_data import lm_teacher, write_jsonl
+    from benchmarks.quality_eval import eval_lm, lm_eval_windows
+
+    P = dict(LM)
+    if args.steps:
+        P["steps"] = args.steps
+    tdir = QROOT / "lm"
+    teacher_dir, tinfo = lm_teacher()
+    tok = AutoTokenizer.from_pretrained(str(teacher_dir))
+    data = write_jsonl(tdir / "data" / f"valid-first{P['cache_lines']}.jsonl",
+                       [{"text": t} for t in wikitext_lines("valid")[: P["cache_lines"]]])
+    base = {"teacher": str(teacher_dir), "task": "lm", "dataset": str(data), "max_length": P["max_length"],
+            "batch_size": 16}
+    topk = {k: dump(tdir, f"topk{k}", {**base, "encoding": "topk", "top_k": k}, args.fresh) for k in P["ks"]}
+    sampled = sampled_arms(tdir, base, topk, args.draws or P["draws"], args.fresh)
+    init = make_student_init(tdir, teacher_dir, P["student"])
+    ref = topk[max(topk)]
+    tset = {"max_steps": P["steps"], "batch_size": P["batch_size"], "lr": P["lr"], "warmup_steps": P["warmup_steps"]}
+    teacher = load_causal(teacher_dir)
+    windows = lm_eval_windows(tok, P["eval_windows"])
+    agree_windows = windows[: args.agree_windows]
+    student_params = param_count(load_causal(init))
+
+    results: list[dict[str, Any]] = []
+
+    def evaluate(method: str, model_dir: Path, cache: dict[str, Any] | None, tinfo_: dict[str, Any] | None,
+                 **extra: Any) -> None:
+        model = load_causal(model_dir)
+        metrics = eval_lm(model, windows)
+        metrics.update({k: v for k, v in eval_lm(model, agree_windows, teacher=teacher).items()
+                        if k in ("top1_agreement", "kl_to_teacher")})
+        results.append(_result("lm", method, "perplexity", metrics, params=param_count(model), cache=cache,
+                               train=tinfo_, **extra))
+        log(f"{method}: ppl {metrics['perplexity']:.2f} acc@1 {metrics['acc@1']:.4f} acc@5 {metrics['acc@5']:.4f}")
+
+    arms = set(args.arms.split(",")) if args.arms else None
+
+    def want(a: str) -> bool:
+        return arms is None or a in arms
+
+    if want("teacher"):
+        evaluate("teacher", teacher_dir, None, None, teacher_info=tinfo)
+    if want("ce"):
+        d, t = train(tdir, "ce", Path(ref["path"]), init, {**tset, "alpha": 1.0}, fresh=args.fresh)
+        evaluate("student CE (no teacher)", d, None, t, arm="ce")
+    if want("online"):
+        d, t = train(tdir, "online", Path(ref["path"]), init, tset, transform=online_transform(teacher),
+                     fresh=args.fresh)
+        evaluate("student online KD (full distribution)", d, None, t, arm="online")
+    for k, c in topk.items():
+        if want(f"topk{k}"):
+            d, t = train(tdir, f"topk{k}", Path(c["path"]), init, tset, fresh=args.fresh)
+            evaluate(f"student top-{k} + tail", d, c, t, arm=f"topk{k}", k=k)
+        if want(f"topk{k}-renorm"):
+            d, t = train(tdir, f"topk{k}-renorm", Path(c["path"]), init, tset, transform=renorm_transform,
+                         fresh=args.fresh)
+            evaluate(f"student top-{k} renormalised (no tail)", d, c, t, arm=f"topk{k}-renorm", k=k)
+    for n, c in sampled.items():
+        if want(f"sampled{n}"):
+            d, t = train(tdir, f"sampled{n}", Path(c["path"]), init, tset, fresh=args.fresh)
+            evaluate(f"student sampled ({n} draws)", d, c, t, arm=f"sampled{n}", draws=n)
+    for r in results:
+        r["student_params"] = student_params
+    return results
+
+
+def run_reasoning(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from transformers import AutoTokenizer
+
+    from benchmarks.common import SHARED_DATA
+    from benchmarks.quality_data import gsm_teacher
+    from benchmarks.quality_eval import eval_reasoning
+
+    P = dict(REASONING)
+    if args.steps:
+        P["steps"] = args.steps
+    tdir = QROOT / "reasoning"
+    teacher_dir, tinfo = gsm_teacher()
+    tok = AutoTokenizer.from_pretrained(str(teacher_dir))
+    base = {"teacher": str(teacher_dir), "task": "reasoning", "dataset": str(SHARED_DATA / "gsm8k" / "train.jsonl"),
+            "limit": P["train_rows"], "template": P["template"], "max_length": P["max_length"], "batch_size": 16}
+    topk = {k: dump(tdir, f"topk{k}", {**base, "encoding": "topk", "top_k": k}, args.fresh) for k in P["ks"]}
+    sampled = sampled_arms(tdir, base, topk, args.draws or P["draws"], args.fresh)
+    init = make_student_init(tdir, teacher_dir, P["student"])
+    ref = topk[max(topk)]
+    tset = {"max_steps": P["steps"], "batch_size": P["batch_size"], "lr": P["lr"], "warmup_steps": P["warmup_steps"]}
+    teacher = load_causal(teacher_dir)
+    student_params = param_count(load_causal(init))
+    ev = {"template": P["template"], "max_length": P["max_length"], "ppl_limit": P["ppl_rows"],
+          "em_limit": P["em_rows"]}
+    results: list[dict[str, Any]] = []
+
+    def evaluate(method: str, model_dir: Path, cache: dict[str, Any] | None, tinfo_: dict[str, Any] | None,
+                 **extra: Any) -> None:
+        model = load_causal(model_dir)
+        metrics = eval_reasoning(model, tok, teacher=None if model_dir == teacher_dir else teacher, **ev)
+        results.append(_result("reasoning", method, "answer_perplexity", metrics, params=param_count(model),
+                               cache=cache, train=tinfo_, **extra))
+        log(f"{method}: answer ppl {metrics['answer_perplexity']:.3f} EM {metrics['exact_match']:.3f}")
+
+    arms = set(args.arms.split(",")) if args.arms else None
+
+    def want(a: str) -> bool:
+        return arms is None or a in arms
+
+    if want("teacher"):
+        evaluate("teacher", teacher_dir, None, None, teacher_info=tinfo)
+    if want("ce"):
+        d, t = train(tdir, "ce", Path(ref["path"]), init, {**tset, "alpha": 1.0}, fresh=args.fresh)
+        evaluate("student CE (no teacher)", d, None, t, arm="ce")
+    if want("online"):
+        d, t = train(tdir, "online", Path(ref["path"]), init, tset, transform=online_transform(teacher),
+                     fresh=args.fresh)
+        evaluate("student online KD (full distribution)", d, None, t, arm="online")
+    for k, c in topk.items():
+        if want(f"topk{k}"):
+            d, t = train(tdir, f"topk{k}", Path(c["path"]), init, tset, fresh=args.fresh)
+            evaluate(f"student top-{k} + tail", d, c, t, arm=f"topk{k}", k=k)
+        if want(f"topk{k}-renorm"):
+            d, t = train(tdir, f"topk{k}-renorm", Path(c["path"]), init, tset, transform=renorm_transform,
+                         fresh=args.fresh)
+            evaluate(f"student top-{k} renormalised (no tail)", d, c, t, arm=f"topk{k}-renorm", k=k)
+    for n, c in sampled.items():
+        if want(f"sampled{n}"):
+            d, t = train(tdir, f"sampled{n}", Path(c["path"]), init, tset, fresh=args.fresh)
+            evaluate(f"student sampled ({n} draws)", d, c, t, arm=f"sampled{n}", draws=n)
+    for r in results:
+        r["student_params"] = student_params
+    return results
+
+
+def run_classification(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from transformers import AutoTokenizer
+
+    from benchmarks.common import SHARED_DATA
+    from benchmarks.quality_data import cls_teacher, sst2, wikitext_sentences, write_jsonl
+    from benchmarks.quality_eval import eval_cls
+
+    P = dict(CLS)
+    tdir = QROOT / "classification"
+    teacher_dir, tinfo = cls_teacher()
+    AutoTokenizer.from_pretrained(str(teacher_dir))
+    tok = AutoTokenizer.from_pretrained(str(teacher_dir))
+    n_train = len(sst2("train"))
+    steps = args.steps or P["epochs"] * math.ceil(n_train / P["batch_size"])
+    base = {"teacher": str(teacher_dir), "task": "classification", "max_length": P["max_length"], "batch_size": 64}
+    labeled = dump(tdir, "sst2-train", {**base, "dataset": str(SHARED_DATA / "sst2" / "stsa.binary.train"),
+                                        "dataset_format": "sst2"}, args.fresh)
+    extra_rows = [{"sentence": t, "label": y} for y, t in sst2("train")]
+    extra_rows += [{"sentence": s, "label": None} for s in wikitext_sentences("valid")[: P["unlabeled"]]]
+    extra_file = write_jsonl(tdir / "data" / f"sst2-train+wikitext{P['unlabeled']}.jsonl", extra_rows)
+    unlabeled = dump(tdir, "sst2-train+wikitext", {**base, "dataset": str(extra_file)}, args.fresh)
+    init = make_student_init(tdir, teacher_dir, P["student"], num_labels=2)
+    teacher = load_classifier(teacher_dir)
+    tset = {"max_steps": steps, "batch_size": P["batch_size"], "lr": P["lr"]}
+    results: list[dict[str, Any]] = []
+
+    def evaluate(method: str, model_dir: Path, cache: dict[str, Any] | None, tinfo_: dict[str, Any] | None,
+                 **extra: Any) -> None:
+        model = load_classifier(model_dir)
+        metrics = eval_cls(model, tok, "test", teacher=None if model_dir == teacher_dir else teacher)
+        metrics["dev_accuracy"] = eval_cls(model, tok, "dev")["accuracy"]
+        results.append(_result("classification", method, "accuracy", metrics, params=param_count(model),
+                               cache=cache, train=tinfo_, **extra))
+        log(f"{method}: accuracy {metrics['accuracy']:.4f} (dev {metrics['dev_accuracy']:.4f})")
+
+    arms = set(args.arms.split(",")) if args.arms else None
+
+    def want(a: str) -> bool:
+        return arms is None or a in arms
+
+    lab = Path(labeled["path"])
+    if want("teacher"):
+        evaluate("teacher", teacher_dir, None, None, teacher_info=tinfo)
+    if want("ce"):
+        d, t = train(tdir, "ce", lab, init, {**tset, "alpha": 1.0}, fresh=args.fresh)
+        evaluate("student CE (no teacher)", d, None, t, arm="ce")
+    if want("kd"):
+        d, t = train(tdir, "kd", lab, init, tset, fresh=args.fresh)
+        evaluate("student KD (class_logits cache, SST-2 train)", d, labeled, t, arm="kd")
+    if want("kd-alpha0.5"):
+        d, t = train(tdir, "kd-alpha0.5", lab, init, {**tset, "alpha": 0.5}, fresh=args.fresh)
+        evaluate("student KD + CE (alpha 0.5, SST-2 train)", d, labeled, t, arm="kd-alpha0.5")
+    if want("online"):
+        d, t = train(tdir, "online", lab, init, tset, transform=online_transform(teacher), fresh=args.fresh)
+        evaluate("student online KD (teacher in memory)", d, None, t, arm="online")
+    if want("kd-unlabeled"):
+        d, t = train(tdir, "kd-unlabeled", Path(unlabeled["path"]), init, tset, fresh=args.fresh)
+        evaluate(f"student KD, SST-2 train + {P['unlabeled']} unlabeled wikitext sentences", d, unlabeled, t,
+                 arm="kd-unlabeled")
+    if want("kd-unlabeled-alpha0.5"):
+        d, t = train(tdir, "kd-unlabeled-alpha0.5", Path(unlabeled["path"]), init, {**tset, "alpha": 0.5},
+                     fresh=args.fresh)
+        evaluate("student KD + CE (alpha 0.5), SST-2 train + unlabeled wikitext", d, unlabeled, t,
+                 arm="kd-unlabeled-alpha0.5")
+    sp = param_count(load_classifier(init))
+    for r in results:
+        r["student_params"] = sp
+    return results
+
+
+# --------------------------------------------------------------------------- output
+
+
+MAIN_COLUMNS = {
+    "lm": ["method", "perplexity", "acc@1", "acc@5", "top1_agreement", "kl_to_teacher", "bytes_per_token",
+           "dump_s", "train_step_s", "params"],
+    "reasoning": ["method", "answer_perplexity", "answer_acc@1", "exact_match", "top1_agreement", "kl_to_teacher",
+                  "bytes_per_token", "dump_s", "train_step_s", "params"],
+    "classification": ["method", "accuracy", "dev_accuracy", "top1_agreement", "kl_to_teacher", "bytes_per_token",
+                       "dump_s", "train_step_s", "params"],
+}
+
+
+def table(task: str, results: list[dict[str, Any]]) -> str:
+    rows = []
+    for r in results:
+        row = {**r, **r["metrics"]}
+        for key in ("bytes_per_token", "dump_s", "train_step_s"):
+            if key not in row:
+                row[key] = ""
+        if row.get("train_step_s") != "":
+            row["train_step_s"] = round(row["train_step_s"], 3)
+        rows.append(row)
+    return print_table(rows, MAIN_COLUMNS[task])
+
+
+def plot(task: str, results: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = results[0]["metric"]
+    fig, axes = plt.subplots(1, 2 if task != "classification" else 1, figsize=(13 if task != "classification" else 7, 4.5))
+    axes = np.atleast_1d(axes)
+    ax = axes[0]
+    names = [r["method"].replace("student ", "") for r in results]
+    vals = [r["value"] for r in results]
+    ax.barh(range(len(vals)), vals, color=["#555" if r["method"] == "teacher" else "#4a7" if "arm" in r and
+                                           r["arm"] == "ce" else "#37c" for r in results])
+    ax.set_yticks(range(len(vals)), names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(metric)
+    lo = min(vals)
+    ax.set_xlim(lo * 0.9 if metric != "accuracy" else max(0.0, lo - 0.05), max(vals) * 1.02)
+    ax.set_title(f"{task}: {metric} (test)")
+    if task != "classification":
+        ax = axes[1]
+        by = {r.get("arm"): r for r in results}
+        for prefix, label, marker in (("topk", "top-k + tail", "o"), ("renorm", "top-k renormalised", "s"),
+                                      ("sampled", "sampled", "^")):
+            pts = [(r["bytes_per_token"], r["value"]) for r in results if "bytes_per_token" in r and (
+                (prefix == "topk" and r["arm"].startswith("topk") and not r["arm"].endswith("renorm")) or
+                (prefix == "renorm" and r["arm"].endswith("renorm")) or
+                (prefix == "sampled" and r["arm"].startswith("sampled")))]
+            if pts:
+                pts.sort()
+                ax.plot(*zip(*pts, strict=True), marker=marker, label=label)
+        for arm, label, style in (("online", "online KD (full distribution)", "--"), ("ce", "CE only", ":")):
+            if arm in by:
+                ax.axhline(by[arm]["value"], linestyle=style, color="k", label=label)
+        ax.set_xscale("log")
+        ax.set_xlabel("cache bytes per token (log)")
+        ax.set_ylabel(metric)
+        ax.legend(fontsize=8)
+        ax.set_title("quality vs cache size")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--task", required=True, choices=["lm", "classification", "reasoning"])
+    ap.add_argument("--json", type=Path, help="write the runs (one object per run) to this file")
+    ap.add_argument("--plot", type=Path, help="write the plot (PNG) to this file")
+    ap.add_argument("--arms", help="comma-separated subset of arms (default: all)")
+    ap.add_argument("--steps", type=int, help="override the student's optimizer steps")
+    ap.add_argument("--draws", type=lambda s: [int(x) for x in s.split(",")],
+                    help="sampled-cache draws (default: matched to the top-k caches' bytes per token)")
+    ap.add_argument("--agree-windows", type=int, default=100, help="LM: test windows for teacher agreement")
+    ap.add_argument("--fresh", action="store_true", help="redo dumps and trainings even if cached")
+    args = ap.parse_args(argv)
+    _set_threads()
+    t0 = time.perf_counter()
+    results = {"lm": run_lm, "classification": run_classification, "reasoning": run_reasoning}[args.task](args)
+    print(f"\n## {args.task} (wall {time.perf_counter() - t0:.0f}s)\n")
+    table(args.task, results)
+    if args.json:
+        save_json(args.json, results)
+    if args.plot:
+        plot(args.task, results, args.plot)
+
+
+if __name__ == "__main__":
+    main()
