@@ -16,6 +16,7 @@ Shapes: ``B`` rows, ``T`` = longest row in the batch, ``k`` = entries per positi
 | ``class_logits`` | ``[B, C]`` float32 | ``class_logits`` caches only |
 | ``class_labels`` | ``[B]`` int64 | ``class_logits`` caches only; -100 = none |
 | ``num_targets`` | ``[]`` int64 | target positions (rows for ``class_logits``) in the batch |
+| ``row_ref`` | ``[B, 2]`` int64 | (shard index, row index) of each row, for tracing and tests |
 
 Alignment (docs/ARCHITECTURE.md): cached position ``t`` is compared with the student's
 ``logits[:, t]`` directly; its hard label is ``input_ids[t + 1]``.
@@ -48,7 +49,8 @@ def collate_rows(rows: Sequence[Any], kind: str, pad_id: int, vocab_size: int | 
         input_ids[b, : len(r.input_ids)] = r.input_ids
         attention[b, : len(r.input_ids)] = 1
     out: dict[str, torch.Tensor] = {"input_ids": torch.from_numpy(input_ids),
-                                    "attention_mask": torch.from_numpy(attention)}
+                                    "attention_mask": torch.from_numpy(attention),
+                                    "row_ref": torch.tensor([[r.shard_index, r.row_index] for r in rows])}
     if kind == "class_logits":
         out["class_logits"] = torch.from_numpy(np.stack([np.asarray(r.class_logits, np.float32) for r in rows]))
         out["class_labels"] = torch.tensor([-100 if r.label is None else int(r.label) for r in rows])
