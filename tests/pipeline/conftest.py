@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 
@@ -56,3 +57,26 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory, tiny_texts: list[str]) ->
                    "summary": {"text": tiny_texts[200 + i], "policy": "ref"}}
             fh.write(json.dumps(row) + "\n")
     return out
+
+
+def assert_same_content(a: Path, b: Path, atol: float = 0.0) -> None:
+    """Two caches hold the same rows in the same order (decoded content, not bytes)."""
+    from cache_format import open_cache
+
+    ra, rb = list(open_cache(str(a)).iter_rows()), list(open_cache(str(b)).iter_rows())
+    assert [r.sample_id for r in ra] == [r.sample_id for r in rb]
+    for x, y in zip(ra, rb, strict=True):
+        np.testing.assert_array_equal(x.input_ids, y.input_ids)
+        np.testing.assert_array_equal(x.positions, y.positions)
+        assert x.label == y.label
+        for f in ("ids", "counts"):
+            if getattr(x, f) is not None:
+                np.testing.assert_array_equal(getattr(x, f), getattr(y, f))
+        for f in ("logprobs", "tail", "class_logits"):
+            if getattr(x, f) is not None:
+                np.testing.assert_allclose(getattr(x, f), getattr(y, f), atol=atol, rtol=0)
+
+
+@pytest.fixture(scope="session")
+def same_content() -> Callable[..., None]:
+    return assert_same_content

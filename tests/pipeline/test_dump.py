@@ -27,21 +27,6 @@ def _rows(path: Path) -> list[Any]:
     return list(open_cache(str(path)).iter_rows())
 
 
-def assert_same_content(a: Path, b: Path, atol: float = 0.0) -> None:
-    ra, rb = _rows(a), _rows(b)
-    assert [r.sample_id for r in ra] == [r.sample_id for r in rb]
-    for x, y in zip(ra, rb, strict=True):
-        np.testing.assert_array_equal(x.input_ids, y.input_ids)
-        np.testing.assert_array_equal(x.positions, y.positions)
-        assert x.label == y.label
-        for f in ("ids", "counts", "class_logits"):
-            if getattr(x, f) is not None:
-                np.testing.assert_array_equal(getattr(x, f), getattr(y, f))
-        for f in ("logprobs", "tail"):
-            if getattr(x, f) is not None:
-                np.testing.assert_allclose(getattr(x, f), getattr(y, f), atol=atol)
-
-
 def test_units_are_split_round_robin() -> None:
     assert unit_slices(10, 4) == [(0, 4), (4, 8), (8, 10)]
     assert my_units(5, 2, 0) == [0, 2, 4] and my_units(5, 2, 1) == [1, 3]
@@ -115,11 +100,11 @@ def test_reasoning_dump_and_teacher_generates(tiny_lm_dir: Path, data_dir: Path,
         np.testing.assert_array_equal(r.input_ids[len(prompt) :], answer)
 
 
-def test_sampled_dump_is_seeded(tiny_lm_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+def test_sampled_dump_is_seeded(tiny_lm_dir: Path, data_dir: Path, tmp_path: Path, same_content: Any) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
     for out in (a, b):
         run_dump(_cfg(tiny_lm_dir, data_dir / "wiki.txt", out, encoding="sampled", num_draws=16, limit=6))
-    assert_same_content(a, b)
+    same_content(a, b)
     r = _rows(a)[0]
     assert r.counts.sum(axis=1).tolist() == [16] * len(r.positions)
 
@@ -140,7 +125,8 @@ def test_resume_skips_done_units_and_refuses_other_settings(tiny_lm_dir: Path, d
     assert s["units_done"] == s["units_total"]
 
 
-def test_two_workers_and_merge_equal_one_worker(tiny_lm_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+def test_two_workers_and_merge_equal_one_worker(tiny_lm_dir: Path, data_dir: Path, tmp_path: Path,
+                                                same_content: Any) -> None:
     one = tmp_path / "one"
     run_dump(_cfg(tiny_lm_dir, data_dir / "wiki.txt", one))
     parts = []
@@ -152,4 +138,4 @@ def test_two_workers_and_merge_equal_one_worker(tiny_lm_dir: Path, data_dir: Pat
     merged = tmp_path / "merged"
     merge_caches(str(merged), parts)
     assert verify_cache(str(merged))["ok"]
-    assert_same_content(one, merged)
+    same_content(one, merged)
