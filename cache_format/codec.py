@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cache_format.errors import EncodingError, InvariantError
+from cache_format.errors import EncodingError
 
 # Value deltas are uint8, so a quantized -log-prob can reach 255 steps: 31.9 nats at step 1/8.
 # Entries below that floor (p < 1.4e-14) are clamped to it; their share of the KL is negligible.
@@ -48,11 +48,11 @@ def split_planes(ids: np.ndarray, n_bytes: int) -> list[np.ndarray]:
 
 def join_planes(planes: list[np.ndarray]) -> np.ndarray:
     """Inverse of :func:`split_planes`: int32 ids from their uint8 planes."""
-    n = len(planes[0])
-    out = np.zeros((n, 4), dtype=np.uint8)
-    for b, plane in enumerate(planes):
-        out[:, b] = plane
-    return out.view("<u4").reshape(-1).astype(np.int32, copy=False)
+    out = planes[-1].astype(np.int32)
+    for plane in reversed(planes[:-1]):
+        out <<= 8
+        out |= plane
+    return out
 
 
 def _first_bad_row(bad: np.ndarray) -> int:
@@ -77,11 +77,17 @@ def check_finite(x: np.ndarray, locate: Locate, field: str) -> None:
                             "log-probs (check its dtype/overflow) — NaN/inf are never written to a cache")
 
 
+# Per-position log-normaliser code: int16 in units of 2^-15 nats (range ±1 nat, enough for
+# |ln Z| <= value_step/2 <= 0.5); its rounding error ends up in the tail bucket, so it must be fine.
+NORM_SCALE = 32768.0
+
+
 @dataclass
 class EncodedTopK:
-    value_deltas: np.ndarray  # uint8 [n*k]
+    values: np.ndarray  # uint8 [n*k]: quantized -log-probs, delta-coded mod 256 (restart per row, see encode_topk)
     id_planes: list[np.ndarray]  # id_bytes x uint8 [n*k]
     tail_code: np.ndarray  # uint16 [n]
+    norm_code: np.ndarray  # int16 [n]
 
 
 def encode_tail(tail: np.ndarray) -> np.ndarray:
@@ -100,34 +106,68 @@ def decode_tail(code: np.ndarray) -> np.ndarray:
 
 
 def exact_tail(logprobs: np.ndarray) -> np.ndarray:
-    """1 - sum(exp(logprobs)) per position, in float64, clipped to [0, 1]."""
-    mass = np.exp(logprobs.astype(np.float64)).sum(axis=1)
+    """1 - sum(exp(logprobs)) per position, accumulated in float64, clipped to [0, 1]."""
+    mass = np.exp(logprobs).sum(axis=1, dtype=np.float64)
     return np.clip(1.0 - mass, 0.0, 1.0)
 
 
+def row_delta(codes: np.ndarray, row_lengths: np.ndarray) -> np.ndarray:
+    """Delta-code a flat uint8 stream mod 256, restarting (previous value 0) at each row start."""
+    flat = codes.reshape(-1).astype(np.uint8)
+    out = np.empty_like(flat)
+    if flat.size:
+        out[0] = flat[0]
+        np.subtract(flat[1:], flat[:-1], out=out[1:])
+        starts = np.cumsum(row_lengths)[:-1]
+        starts = starts[starts < flat.size]
+        out[starts] = flat[starts]
+    return out
+
+
+def row_undelta(values: np.ndarray, row_offsets: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`row_delta`: cumulative sum mod 256, restarted at each row offset."""
+    q = np.cumsum(values, dtype=np.uint8)
+    # The running sum carried the previous rows' total into each later row: take it out (mod 256),
+    # using the raw running sums read before any row is corrected.
+    starts = np.asarray(row_offsets[1:-1], dtype=np.int64)
+    ends = np.asarray(row_offsets[2:], dtype=np.int64)
+    bases = np.where(starts > 0, q[np.maximum(starts - 1, 0)] if q.size else 0, 0).astype(np.uint8)
+    for a, b, base in zip(starts.tolist(), ends.tolist(), bases.tolist(), strict=True):
+        if b > a and base:
+            q[a:b] -= np.uint8(base)
+    return q
+
+
+def _quantize(logprobs: np.ndarray, value_step: float) -> np.ndarray:
+    q = np.rint(logprobs * np.float32(-1.0 / value_step))
+    np.clip(q, 0, MAX_VALUE_CODE, out=q)
+    return q.astype(np.uint8)
+
+
 def encode_topk(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray | None, *, value_step: float,
-                id_limit: int, locate: Locate) -> EncodedTopK:
-    """Encode ``[n, k]`` ids/log-probs (any order per position) and the tail into the v1 byte streams."""
+                id_limit: int, locate: Locate, row_lengths: np.ndarray | None = None) -> EncodedTopK:
+    """Encode ``[n, k]`` ids/log-probs (sorted descending here if needed) and the tail into v1 streams.
+
+    ``row_lengths`` are the rows' position counts (the value deltas restart at each row so a row
+    decodes on its own); default: one row.
+    """
     n, k = logprobs.shape
+    logprobs = np.asarray(logprobs, dtype=np.float32)
     check_finite(logprobs, locate, "logprobs")
     ids = np.asarray(ids)
-    check_ids(ids, id_limit, locate, "ids")
-    top = logprobs.max(axis=1) if k else np.zeros(n, np.float32)
-    if n and k and float(top.max()) > POSITIVE_LOGPROB_TOLERANCE:
-        row = int(np.argmax(top))
-        raise EncodingError(f"logprobs at {locate(row)} has {float(top[row]):.6g} > 0: pass log-softmax values "
-                            "(log-probabilities), not raw logits")
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= id_limit):
+        check_ids(ids, id_limit, locate, "ids")
+    if n and k:
+        top = logprobs[:, 0] if k == 1 else logprobs.max(axis=1)
+        if float(top.max()) > POSITIVE_LOGPROB_TOLERANCE:
+            row = int(np.argmax(top))
+            raise EncodingError(f"logprobs at {locate(row)} has {float(top[row]):.6g} > 0: pass log-softmax "
+                                "values (log-probabilities), not raw logits")
     # Sort descending only where needed: teachers normally hand us torch.topk output, already sorted.
-    if k > 1 and (np.diff(logprobs, axis=1) > 0).any():
+    if k > 1 and (logprobs[:, 1:] > logprobs[:, :-1]).any():
         order = np.argsort(-logprobs, axis=1, kind="stable")
         logprobs = np.take_along_axis(logprobs, order, axis=1)
         ids = np.take_along_axis(ids, order, axis=1)
-    if k > 1 and ids.size:
-        s = np.sort(ids, axis=1)
-        dup = (s[:, 1:] == s[:, :-1]).any(axis=1)
-        if dup.any():
-            raise EncodingError(f"ids at {locate(int(np.flatnonzero(dup)[0]))} repeats a token id within one "
-                                "position; top-k ids must be distinct")
     if tail is None:
         tail_v = exact_tail(logprobs)
     else:
@@ -139,35 +179,34 @@ def encode_topk(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray | None, 
             i = int(np.flatnonzero(bad)[0])
             raise EncodingError(f"tail at {locate(i)} is {tail_v[i]!r}; it must be a probability mass in [0, 1]")
         tail_v = np.clip(tail_v, 0.0, 1.0)
-    q = np.minimum(np.rint(-logprobs.astype(np.float32) * np.float32(1.0 / value_step)), MAX_VALUE_CODE)
-    q = np.maximum(q, 0).astype(np.int16)
-    deltas = q.copy()
-    deltas[:, 1:] = q[:, 1:] - q[:, :-1]
-    return EncodedTopK(value_deltas=deltas.astype(np.uint8).reshape(-1),
-                       id_planes=split_planes(ids, id_bytes_for(id_limit)),
-                       tail_code=encode_tail(tail_v))
+    q = _quantize(logprobs, value_step)
+    # Normaliser: Z = sum(exp(-q*step)) + tail. Stored as ceil(ln Z) on a 2^-15 grid, so that
+    # exp(-ln Z') * sum <= 1 and the tail bucket (1 - that) is never negative.
+    table = np.exp(-np.arange(MAX_VALUE_CODE + 1, dtype=np.float64) * value_step)
+    mass = table[q].sum(axis=1) if k else np.zeros(n)
+    log_z = np.log(mass + tail_v) if n else np.zeros(0)
+    norm_code = np.clip(np.ceil(log_z * NORM_SCALE), -32767, 32767).astype(np.int16)
+    tail_dec = np.clip(1.0 - np.exp(-norm_code / NORM_SCALE) * mass, 0.0, 1.0)
+    lengths = np.array([n], np.int64) if row_lengths is None else np.asarray(row_lengths, np.int64)
+    return EncodedTopK(values=row_delta(q, lengths * k), id_planes=split_planes(ids, id_bytes_for(id_limit)),
+                       tail_code=encode_tail(tail_dec), norm_code=norm_code)
 
 
-def decode_topk(value_deltas: np.ndarray, id_planes: list[np.ndarray], tail_code: np.ndarray, *, k: int,
-                value_step: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Decode to ``ids`` int32 [n, k], ``logprobs`` float32 [n, k], ``tail`` float32 [n], renormalised.
+def decode_topk(values: np.ndarray, id_planes: list[np.ndarray], tail_code: np.ndarray, norm_code: np.ndarray, *,
+                k: int, value_step: float, row_offsets: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Decode to ``ids`` int32 [n, k], ``logprobs`` float32 [n, k] (descending), ``tail`` float32 [n].
 
-    The quantized top-k probabilities plus the decoded tail are divided by their sum, so the
-    k+1 buckets form a proper distribution.
+    ``logprobs = -q * value_step - norm``: the top-k plus the tail sum to 1 (within 2.5e-4 of
+    the tail). ``row_offsets``: entry offsets of the rows in ``values`` (default: one row).
     """
     n = len(tail_code)
-    q = np.cumsum(value_deltas.reshape(n, k), axis=1, dtype=np.int32)
+    offsets = np.array([0, len(values)], np.int64) if row_offsets is None else row_offsets
+    q = row_undelta(values, offsets).reshape(n, k)
+    logprobs = np.multiply(q, np.float32(-value_step), dtype=np.float32)
+    logprobs -= (np.asarray(norm_code, dtype=np.float32) * np.float32(1.0 / NORM_SCALE))[:, None]
     ids = join_planes(id_planes).reshape(n, k)
-    # exp(-q*step) by table lookup: q has at most 256 values per row, exp() per entry would dominate decode.
-    table = np.exp(-np.arange(MAX_VALUE_CODE + 1, dtype=np.float64) * value_step)
-    tail = decode_tail(tail_code)
-    if q.size and int(q[:, -1].max(initial=0)) > MAX_VALUE_CODE:
-        row = int(np.argmax(q[:, -1]))
-        raise InvariantError(f"position {row}: value deltas sum to {int(q[row, -1])} > {MAX_VALUE_CODE} steps")
-    z = table[q].sum(axis=1) + tail
-    log_z = np.log(z)
-    logprobs = (q.astype(np.float32) * np.float32(-value_step)) - log_z.astype(np.float32)[:, None]
-    return ids, logprobs, (tail / z).astype(np.float32)
+    return ids, logprobs, decode_tail(tail_code).astype(np.float32)
 
 
 @dataclass

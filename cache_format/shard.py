@@ -51,9 +51,10 @@ def shard_schema(enc: dict[str, Any], batch_rows: list[int] | None = None) -> pa
     ]
     kind = enc["kind"]
     if kind == "topk":
-        fields.append(pa.field("topk_value_deltas", _LIST_U8, nullable=False))
+        fields.append(pa.field("topk_values", _LIST_U8, nullable=False))
         fields += [pa.field(f"topk_id_b{b}", _LIST_U8, nullable=False) for b in range(enc["id_bytes"])]
         fields.append(pa.field("tail_code", pa.list_(pa.uint16()), nullable=False))
+        fields.append(pa.field("norm_code", pa.list_(pa.int16()), nullable=False))
     elif kind == "sampled":
         fields.append(pa.field("sampled_num_unique", _LIST_U8, nullable=False))
         fields.append(pa.field("sampled_counts", _LIST_U8, nullable=False))
@@ -103,11 +104,13 @@ def encode_block(block: RowBlock, identity: CacheIdentity, enc: dict[str, Any]) 
     if kind == "topk":
         k = enc["k"]
         e = codec.encode_topk(block.payload["ids"], block.payload["logprobs"], block.payload.get("tail"),
-                              value_step=enc["value_step"], id_limit=identity.id_limit, locate=locate)
-        cols["topk_value_deltas"] = _list(e.value_deltas, n_pos * k, pa.uint8())
+                              value_step=enc["value_step"], id_limit=identity.id_limit, locate=locate,
+                              row_lengths=n_pos)
+        cols["topk_values"] = _list(e.values, n_pos * k, pa.uint8())
         for b, plane in enumerate(e.id_planes):
             cols[f"topk_id_b{b}"] = _list(plane, n_pos * k, pa.uint8())
         cols["tail_code"] = _list(e.tail_code, n_pos, pa.uint16())
+        cols["norm_code"] = _list(e.norm_code, n_pos, pa.int16())
     elif kind == "sampled":
         e2 = codec.encode_sampled(block.payload["draws"], num_draws=enc["num_draws"], id_limit=identity.id_limit,
                                   locate=locate)
@@ -205,7 +208,7 @@ def decode_batch(batch: pa.RecordBatch, enc: dict[str, Any], shard: str, shard_i
     kind = enc.get("kind")
     id_bytes = int(enc.get("id_bytes", 0))
     if kind == "topk":
-        needed |= {"topk_value_deltas", "tail_code"} | {f"topk_id_b{b}" for b in range(id_bytes)}
+        needed |= {"topk_values", "tail_code", "norm_code"} | {f"topk_id_b{b}" for b in range(id_bytes)}
     elif kind == "sampled":
         needed |= {"sampled_num_unique", "sampled_counts"} | {f"sampled_id_b{b}" for b in range(id_bytes)}
     elif kind == "class_logits":
@@ -227,8 +230,8 @@ def decode_batch(batch: pa.RecordBatch, enc: dict[str, Any], shard: str, shard_i
     rows: list[DecodedRow] = []
     if kind == "topk":
         k = int(enc["k"])
-        vd, vd_off = _lists(batch, "topk_value_deltas", shard)
-        _expect_lengths(vd_off, n_pos * k, "topk_value_deltas", shard, first_row)
+        vals, v_off = _lists(batch, "topk_values", shard)
+        _expect_lengths(v_off, n_pos * k, "topk_values", shard, first_row)
         planes = []
         for b in range(id_bytes):
             p, p_off = _lists(batch, f"topk_id_b{b}", shard)
@@ -236,10 +239,10 @@ def decode_batch(batch: pa.RecordBatch, enc: dict[str, Any], shard: str, shard_i
             planes.append(p)
         tc, tc_off = _lists(batch, "tail_code", shard)
         _expect_lengths(tc_off, n_pos, "tail_code", shard, first_row)
-        try:
-            ids, lps, tail = codec.decode_topk(vd, planes, tc, k=k, value_step=float(enc["value_step"]))
-        except codec.InvariantError as exc:
-            raise codec.InvariantError(f"shard {shard} rows {first_row}..{first_row + n - 1}: {exc}") from None
+        nc, nc_off = _lists(batch, "norm_code", shard)
+        _expect_lengths(nc_off, n_pos, "norm_code", shard, first_row)
+        ids, lps, tail = codec.decode_topk(vals, planes, tc, nc, k=k, value_step=float(enc["value_step"]),
+                                           row_offsets=v_off)
         for i in range(n):
             a, b2 = int(pos_off[i]), int(pos_off[i + 1])
             rows.append(DecodedRow(sids[i], inputs[i], positions[i], ids[a:b2], lps[a:b2], tail[a:b2],
@@ -247,8 +250,8 @@ def decode_batch(batch: pa.RecordBatch, enc: dict[str, Any], shard: str, shard_i
     elif kind == "sampled":
         nu, nu_off = _lists(batch, "sampled_num_unique", shard)
         _expect_lengths(nu_off, n_pos, "sampled_num_unique", shard, first_row)
-        per_row = np.add.reduceat(nu.astype(np.int64), pos_off[:-1]) if len(nu) else np.zeros(n, np.int64)
-        per_row = np.where(n_pos > 0, per_row, 0)
+        cum = np.concatenate([[0], np.cumsum(nu, dtype=np.int64)])
+        per_row = cum[pos_off[1:]] - cum[pos_off[:-1]]
         cnt, cnt_off = _lists(batch, "sampled_counts", shard)
         _expect_lengths(cnt_off, per_row, "sampled_counts", shard, first_row)
         planes = []

@@ -28,7 +28,7 @@ def test_topk_round_trip_is_close_and_normalised(tmp_path: Path) -> None:
     # Quantization step 1/8 nat: each value within step/2 before renormalisation, within a step after.
     assert np.abs(got - exact.logprobs).max() <= 0.125
     total = np.exp(got.astype(np.float64)).sum(axis=1) + np.concatenate([r.tail for r in rows[:3]])
-    np.testing.assert_allclose(total, 1.0, atol=1e-5)
+    np.testing.assert_allclose(total, 1.0, atol=2.5e-4)  # tail code: relative step 1/4096
     assert reader.read_row(1, 2).sample_id == "u1-r2"
     assert verify_cache(root)["rows"] == 6
 

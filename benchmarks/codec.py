@@ -1,0 +1,343 @@
+"""Codec benchmark: bytes per token, fidelity (KL) and single-core encode/decode speed.
+
+Inputs (the output says which is which):
+  * REAL: a forward pass of ``benchmarks.common.wikitext_teacher()`` (4-layer Llama, BPE vocab
+    ~32k, trained briefly on wikitext-2 valid) over wikitext-2 *test* text, float32 log-softmax,
+    ``torch.topk`` — the distributions a dump would store.
+  * SYNTHETIC: a 150k vocabulary with Zipf-distributed top-k ids (randomly permuted, so id order
+    carries no frequency information) and heavy-tailed log-prob shapes.
+
+Rows: the kdpipe ``topk`` codec at k = 16, 64, 128 and ``sampled``; baselines in the same run:
+int32 ids + float32 log-probs in Arrow (uncompressed and zstd) and int32 + bfloat16 (zstd).
+Every row stores the same ``sample_id``/``input_ids``/``positions`` columns, so bytes compare
+like for like. Speeds are single-threaded (numpy/BLAS/Arrow limited to one thread), median of
+``--repeats`` runs. Usage::
+
+    .venv/bin/python -m benchmarks.codec --quick                 # ~1 min
+    .venv/bin/python -m benchmarks.codec --json codec.json       # the README table
+"""
+
+from __future__ import annotations
+
+import os
+
+# Single core: set before numpy/pyarrow/torch load their thread pools.
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
+    os.environ[_var] = "1"
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+
+from benchmarks.common import median_time, print_table, wikitext_lines, wikitext_teacher  # noqa: E402
+from cache_format import CacheIdentity, SampledBatch, SampledEncoding, TopKBatch, TopKEncoding  # noqa: E402
+from cache_format.batches import check_batch  # noqa: E402
+from cache_format.shard import build_table, decode_batch, read_shard_encoding  # noqa: E402
+from cache_format.writer import DEFAULT_COMPRESSION_LEVEL, serialize_table  # noqa: E402
+
+pa.set_cpu_count(1)
+pa.set_io_thread_count(1)
+
+SEQ_LEN = 256  # tokens per row: a typical short LM chunk; rows carry SEQ_LEN - 1 target positions
+MAX_K = 128
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def real_inputs(num_rows: int, num_draws: int, seed: int = 0) -> dict[str, Any]:
+    """Top-128 ids/log-probs and ``num_draws`` samples per position from the wikitext teacher."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    path = wikitext_teacher()
+    tok = AutoTokenizer.from_pretrained(str(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=torch.float32).eval()
+    stream: list[int] = []
+    for line in wikitext_lines("test"):
+        stream.extend(tok(line)["input_ids"])
+        if len(stream) >= num_rows * SEQ_LEN:
+            break
+    rows = np.asarray(stream[: num_rows * SEQ_LEN], dtype=np.int64).reshape(-1, SEQ_LEN)
+    ids, lps, draws = [], [], []
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for start in range(0, len(rows), 8):
+            x = torch.as_tensor(rows[start:start + 8])
+            logp = torch.log_softmax(model(input_ids=x).logits[:, :-1].float(), dim=-1).reshape(-1, len(tok))
+            top = torch.topk(logp, MAX_K, dim=-1)
+            ids.append(top.indices.to(torch.int32).numpy())
+            lps.append(top.values.numpy())
+            draws.append(torch.multinomial(logp.exp(), num_draws, replacement=True, generator=gen)
+                         .to(torch.int32).numpy())
+    return {"label": "REAL wikitext-2 teacher", "vocab": len(tok), "input_ids": rows.astype(np.int32),
+            "ids": np.concatenate(ids), "logprobs": np.concatenate(lps), "draws": np.concatenate(draws)}
+
+
+def synthetic_inputs(num_rows: int, num_draws: int, vocab: int = 150_000, seed: int = 0) -> dict[str, Any]:
+    """Zipf ids (permuted), heavy-tailed log-prob shapes; clearly not a real model."""
+    rng = np.random.default_rng(seed)
+    n = num_rows * (SEQ_LEN - 1)
+    perm = rng.permutation(vocab).astype(np.int32)
+    ranks = np.minimum(rng.zipf(1.1, size=(n, MAX_K)) - 1, vocab - 1)
+    # Make ids distinct within a position: duplicates get fresh uniform ranks (a few rounds suffice).
+    for _ in range(8):
+        s = np.sort(ranks, axis=1)
+        dup = np.zeros_like(ranks, dtype=bool)
+        order = np.argsort(ranks, axis=1)
+        dup_sorted = np.zeros_like(s, dtype=bool)
+        dup_sorted[:, 1:] = s[:, 1:] == s[:, :-1]
+        np.put_along_axis(dup, order, dup_sorted, axis=1)
+        if not dup.any():
+            break
+        ranks[dup] = rng.integers(0, vocab, int(dup.sum()))
+    temp = rng.uniform(0.5, 3.0, size=(n, 1))
+    logits = -temp * np.log1p(np.arange(MAX_K))[None, :] + rng.normal(0, 0.3, size=(n, MAX_K))
+    logits = -np.sort(-logits, axis=1)
+    tail_mass = rng.beta(1.0, 4.0, size=(n, 1))
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p = p / p.sum(axis=1, keepdims=True) * (1 - tail_mass)
+    lps = np.log(p).astype(np.float32)
+    pd = np.exp(lps.astype(np.float64))
+    pd /= pd.sum(axis=1, keepdims=True)
+    cdf = np.cumsum(pd, axis=1)
+    u = rng.random((n, num_draws))
+    picks = np.minimum((u[:, :, None] > cdf[:, None, :]).sum(axis=2), MAX_K - 1)
+    draws = np.take_along_axis(perm[ranks], picks, axis=1)
+    return {"label": f"SYNTHETIC Zipf {vocab // 1000}k vocab", "vocab": vocab,
+            "input_ids": rng.integers(0, vocab, size=(num_rows, SEQ_LEN)).astype(np.int32),
+            "ids": perm[ranks], "logprobs": lps, "draws": draws.astype(np.int32)}
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def identity(vocab: int, encoding: Any) -> CacheIdentity:
+    return CacheIdentity(teacher={"name": "bench"}, tokenizer={"name": "bench", "vocab_size": vocab},
+                         recipe={"task": "lm"}, dataset={"name": "bench"}, encoding=encoding)
+
+
+def row_lists(data: dict[str, Any]) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
+    rows = data["input_ids"]
+    return ([f"r{i}" for i in range(len(rows))], list(rows),
+            [np.arange(SEQ_LEN - 1, dtype=np.int32) for _ in range(len(rows))])
+
+
+def read_all(blob: bytes) -> list[Any]:
+    reader = pa.ipc.open_file(pa.BufferReader(blob))
+    enc = read_shard_encoding(reader.schema, "bench")
+    out, first = [], 0
+    for b in range(reader.num_record_batches):
+        batch = reader.get_batch(b)
+        out.extend(decode_batch(batch, enc, "bench", 0, first))
+        first += batch.num_rows
+    return out
+
+
+def kl_topk(lp_exact: np.ndarray, lp_dec: np.ndarray, tail_dec: np.ndarray) -> float:
+    """Mean KL(exact top-k + tail || decoded top-k + tail) in nats, same id order on both sides."""
+    p = np.exp(lp_exact.astype(np.float64))
+    t = np.clip(1.0 - p.sum(axis=1), 0.0, 1.0)
+    kl = (p * (lp_exact.astype(np.float64) - lp_dec.astype(np.float64))).sum(axis=1)
+    td = tail_dec.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kl += np.where(t > 0, t * (np.log(np.maximum(t, 1e-300)) - np.log(np.maximum(td, 1e-300))), 0.0)
+    return float(kl.mean())
+
+
+def row_result(label: str, data: dict[str, Any], encoding: str, k: int | str, n: int, nbytes: int, kl: float | None,
+               t_enc: float, t_dec: float, entries: float) -> dict[str, Any]:
+    return {"input": label, "encoding": encoding, "k": k, "vocab_size": data["vocab"],
+            "bytes_per_token": nbytes / n, "bytes_per_entry": nbytes / (n * entries),
+            "kl_nats": kl, "encode_tokens_per_s": n / t_enc, "decode_tokens_per_s": n / t_dec}
+
+
+# ---------------------------------------------------------------- codecs under test
+
+
+def bench_kdpipe_topk(data: dict[str, Any], k: int, repeats: int) -> dict[str, Any]:
+    sids, inputs, positions = row_lists(data)
+    ident = identity(data["vocab"], TopKEncoding(k=k))
+    lps = np.ascontiguousarray(data["logprobs"][:, :k])
+    batch = TopKBatch(sample_ids=sids, input_ids=inputs, positions=positions,
+                      ids=np.ascontiguousarray(data["ids"][:, :k]), logprobs=lps)
+    block = check_batch(batch, ident)
+
+    def encode() -> bytes:
+        return serialize_table(build_table(block, ident), DEFAULT_COMPRESSION_LEVEL)
+
+    blob = encode()
+    t_enc = median_time(encode, repeats=repeats)
+    t_dec = median_time(lambda: read_all(blob), repeats=repeats)
+    rows = read_all(blob)
+    ids_dec = np.concatenate([r.ids for r in rows])
+    if not np.array_equal(ids_dec, batch.ids):
+        raise SystemExit("kdpipe topk: decoded ids differ from the input (codec bug)")
+    kl = kl_topk(lps, np.concatenate([r.logprobs for r in rows]), np.concatenate([r.tail for r in rows]))
+    n = len(lps)
+    return row_result(data["label"], data, "kdpipe topk", k, n, len(blob), kl, t_enc, t_dec, k)
+
+
+def bench_kdpipe_sampled(data: dict[str, Any], num_draws: int, repeats: int) -> dict[str, Any]:
+    sids, inputs, positions = row_lists(data)
+    ident = identity(data["vocab"], SampledEncoding(num_draws=num_draws))
+    draws = np.ascontiguousarray(data["draws"][:, :num_draws])
+    block = check_batch(SampledBatch(sample_ids=sids, input_ids=inputs, positions=positions, draws=draws), ident)
+
+    def encode() -> bytes:
+        return serialize_table(build_table(block, ident), DEFAULT_COMPRESSION_LEVEL)
+
+    blob = encode()
+    t_enc = median_time(encode, repeats=repeats)
+    t_dec = median_time(lambda: read_all(blob), repeats=repeats)
+    rows = read_all(blob)
+    uniques = float(np.mean([(r.counts > 0).sum(axis=1).mean() for r in rows]))
+    n = len(draws)
+    res = row_result(data["label"], data, f"kdpipe sampled N={num_draws}", f"~{uniques:.1f} unique", n, len(blob),
+                     None, t_enc, t_dec, uniques)
+    return res
+
+
+def _baseline_table(sids: list[str], inputs: list[np.ndarray], positions: list[np.ndarray], ids: np.ndarray,
+                    values: pa.Array, k: int) -> pa.Table:
+    n_rows = len(sids)
+    per = len(positions[0]) * k
+    offsets = pa.array(np.arange(n_rows + 1, dtype=np.int32) * per)
+    return pa.table({
+        "sample_id": pa.array(sids),
+        "input_ids": pa.array(inputs, pa.list_(pa.int32())),
+        "positions": pa.array(positions, pa.list_(pa.int32())),
+        "ids": pa.ListArray.from_arrays(offsets, pa.array(ids.reshape(-1), pa.int32())),
+        "logprobs": pa.ListArray.from_arrays(offsets, values),
+    })
+
+
+def bench_baseline(data: dict[str, Any], k: int, kind: str, repeats: int) -> dict[str, Any]:
+    sids, inputs, positions = row_lists(data)
+    ids = np.ascontiguousarray(data["ids"][:, :k])
+    lps = np.ascontiguousarray(data["logprobs"][:, :k])
+    compression = None if kind == "int32+float32 raw" else pa.Codec("zstd", compression_level=DEFAULT_COMPRESSION_LEVEL)
+
+    def encode() -> bytes:
+        if kind == "int32+bf16 zstd":
+            bits = (lps.view(np.uint32) + 0x7FFF + ((lps.view(np.uint32) >> 16) & 1)) >> 16  # round to nearest even
+            values = pa.array(bits.astype(np.uint16).reshape(-1), pa.uint16())
+        else:
+            values = pa.array(lps.reshape(-1), pa.float32())
+        table = _baseline_table(sids, inputs, positions, ids, values, k)
+        sink = pa.BufferOutputStream()
+        opts = pa.ipc.IpcWriteOptions(compression=compression, use_threads=False)
+        with pa.ipc.new_file(sink, table.schema, options=opts) as w:
+            w.write_table(table, max_chunksize=256)
+        return sink.getvalue().to_pybytes()
+
+    def decode() -> tuple[np.ndarray, np.ndarray]:
+        t = pa.ipc.open_file(pa.BufferReader(blob)).read_all()
+        got_ids = t.column("ids").combine_chunks().values.to_numpy().reshape(-1, k)
+        raw = t.column("logprobs").combine_chunks().values.to_numpy()
+        if kind == "int32+bf16 zstd":
+            raw = (raw.astype(np.uint32) << 16).view(np.float32)
+        return got_ids, raw.reshape(-1, k)
+
+    blob = encode()
+    t_enc = median_time(encode, repeats=repeats)
+    t_dec = median_time(decode, repeats=repeats)
+    _, dec = decode()
+    p = np.exp(dec.astype(np.float64))
+    tail = np.clip(1 - p.sum(axis=1), 0, 1)  # baselines store no tail: it is recomputed from the values
+    kl = kl_topk(lps, dec, tail)
+    return row_result(data["label"], data, kind, k, len(lps), len(blob), kl, t_enc, t_dec, k)
+
+
+# ---------------------------------------------------------------- id coding study (bytes only)
+
+
+def id_coding_study(data: dict[str, Any], k: int) -> list[dict[str, Any]]:
+    """Bytes per id under zstd for candidate id layouts, on the same data (decides the v1 id coding)."""
+    import zstandard
+
+    ids = np.ascontiguousarray(data["ids"][:, :k]).astype(np.int64)
+    n_bytes = 2 if data["vocab"] <= 1 << 16 else 3
+    cctx = zstandard.ZstdCompressor(level=DEFAULT_COMPRESSION_LEVEL)
+
+    def planes_size(x: np.ndarray) -> int:
+        u = x.astype("<u4").view(np.uint8).reshape(-1, 4)
+        return sum(len(cctx.compress(np.ascontiguousarray(u[:, b]).tobytes())) for b in range(n_bytes))
+
+    counts = np.bincount(ids.reshape(-1), minlength=data["vocab"])
+    rank_of = np.empty(data["vocab"], np.int64)
+    rank_of[np.argsort(-counts, kind="stable")] = np.arange(data["vocab"])
+    used = int((counts > 0).sum())
+    table_bytes = used * 4  # the rank → id table a shard would have to carry
+    sorted_ids = np.sort(ids, axis=1)
+    gaps = np.diff(sorted_ids, axis=1, prepend=0)
+    variants = {
+        "raw id, byte planes (v1)": planes_size(ids),
+        "raw id, little-endian interleaved": len(cctx.compress(ids.astype(f"<u{2 if n_bytes == 2 else 4}").tobytes())),
+        "per-shard frequency rank, byte planes (+table)": planes_size(rank_of[ids]) + table_bytes,
+        "sorted ids as gaps, byte planes (values then need a permutation)": planes_size(gaps),
+    }
+    n = ids.size
+    return [{"input": data["label"], "k": k, "id layout": name, "bytes_per_id": b / n} for name, b in variants.items()]
+
+
+# ---------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer rows and repeats (about a minute)")
+    ap.add_argument("--rows", type=int, default=None, help="rows of 256 tokens per input (default 128; quick 24)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed runs per figure (default 5; quick 3)")
+    ap.add_argument("--draws", type=int, nargs="+", default=[16, 32], help="sampled num_draws to measure")
+    ap.add_argument("--no-real", action="store_true", help="skip the wikitext teacher (synthetic only)")
+    ap.add_argument("--json", type=str, default=None, help="also write the rows as JSON to this file")
+    args = ap.parse_args(argv)
+    rows_n = args.rows or (24 if args.quick else 128)
+    repeats = args.repeats or (3 if args.quick else 5)
+    inputs = []
+    if not args.no_real:
+        t0 = time.perf_counter()
+        inputs.append(real_inputs(rows_n, max(args.draws)))
+        print(f"# real teacher pass: {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    inputs.append(synthetic_inputs(rows_n, max(args.draws)))
+    results: list[dict[str, Any]] = []
+    study: list[dict[str, Any]] = []
+    for data in inputs:
+        for k in (16, 64, 128):
+            base = bench_baseline(data, k, "int32+float32 raw", repeats)
+            group = [base, bench_baseline(data, k, "int32+float32 zstd", repeats),
+                     bench_baseline(data, k, "int32+bf16 zstd", repeats), bench_kdpipe_topk(data, k, repeats)]
+            for r in group:
+                r["size_vs_raw"] = r["bytes_per_token"] / base["bytes_per_token"]
+                r["decode_vs_raw"] = r["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+            results += group
+        for nd in args.draws:
+            r = bench_kdpipe_sampled(data, nd, repeats)
+            raw64 = next(x for x in results if x["input"] == data["label"] and x["k"] == 64
+                         and x["encoding"] == "int32+float32 raw")
+            r["size_vs_raw"] = r["bytes_per_token"] / raw64["bytes_per_token"]
+            results.append(r)
+        study += id_coding_study(data, 64)
+    cols = ["input", "encoding", "k", "vocab_size", "bytes_per_token", "bytes_per_entry", "kl_nats",
+            "encode_tokens_per_s", "decode_tokens_per_s", "size_vs_raw", "decode_vs_raw"]
+    print(f"\n## codec (single core, median of {repeats}; {rows_n} rows x {SEQ_LEN - 1} positions per input)\n")
+    print_table(results, cols)
+    print("\n## id layouts at k=64 (zstd level 3, bytes per stored id; chooses the v1 id coding)\n")
+    print_table(study, ["input", "k", "id layout", "bytes_per_id"])
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"codec": results, "id_layouts": study, "rows": rows_n, "repeats": repeats,
+                       "seq_len": SEQ_LEN}, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
