@@ -44,14 +44,14 @@ from benchmarks.quality_data import QROOT, SEED, param_count
 # --------------------------------------------------------------------------- experiment settings
 
 LM = {
-    "student": {"hidden_size": 96, "num_layers": 2},
+    "student": {"hidden_size": 64, "num_layers": 2},
     "max_length": 128,
-    "cache_lines": 1200,  # first N non-heading wikitext-2 valid paragraphs form the distillation set
-    "steps": 150,
+    "cache_lines": 850,  # first N non-heading wikitext-2 valid paragraphs form the distillation set
+    "steps": 100,
     "batch_size": 8,
     "lr": 3e-3,
     "warmup_steps": 10,
-    "eval_windows": 1000,  # 128k tokens of wikitext-2 test
+    "eval_windows": 400,  # 51k tokens of wikitext-2 test
     "ks": [8, 32, 64],
     "draws": [],  # filled from measured bytes (see sampled_budget) unless given with --draws
 }
@@ -64,17 +64,17 @@ CLS = {
     "unlabeled": 8000,  # wikitext sentences for the DistilBERT-style arm
 }
 REASONING = {
-    "student": {"hidden_size": 96, "num_layers": 2},
+    "student": {"hidden_size": 64, "num_layers": 2},
     "max_length": 384,
-    "train_rows": 1200,
-    "steps": 150,
+    "train_rows": 840,
+    "steps": 100,
     "batch_size": 8,
     "lr": 3e-3,
     "warmup_steps": 10,
     "ks": [8, 32, 64],
     "draws": [],
-    "ppl_rows": 300,
-    "em_rows": 100,
+    "ppl_rows": 200,
+    "em_rows": 50,
     "template": "Question: {text}\nAnswer:",
 }
 
@@ -431,8 +431,9 @@ def run_lm(args: argparse.Namespace) -> list[dict[str, Any]]:
                  **extra: Any) -> None:
         model = load_causal(model_dir)
         metrics = eval_lm(model, windows)
-        metrics.update({k: v for k, v in eval_lm(model, agree_windows, teacher=teacher).items()
-                        if k in ("top1_agreement", "kl_to_teacher")})
+        if model_dir != teacher_dir:
+            metrics.update({k: v for k, v in eval_lm(model, agree_windows, teacher=teacher).items()
+                            if k in ("top1_agreement", "kl_to_teacher")})
         results.append(_result("lm", method, "perplexity", metrics, params=param_count(model), cache=cache,
                                train=tinfo_, **extra))
         log(f"{method}: ppl {metrics['perplexity']:.2f} acc@1 {metrics['acc@1']:.4f} acc@5 {metrics['acc@5']:.4f}")
