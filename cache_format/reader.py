@@ -155,7 +155,11 @@ class CacheReader:
             return self._open_reader, self._open_enc
         self.close()
         info = self._info(i)
-        size = self.storage.size(info.name)
+        try:
+            size = self.storage.size(info.name)
+        except CacheNotFoundError:
+            raise ShardCorruptError(f"shard {self.storage.describe(info.name)} is listed in the manifest but missing; "
+                                    "re-copy the whole cache directory (or re-dump)") from None
         if size != info.bytes:
             raise ShardTruncatedError(
                 f"shard {self.storage.describe(info.name)} is {size} bytes but the manifest says {info.bytes}: "

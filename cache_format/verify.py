@@ -64,7 +64,7 @@ def verify_cache(path: str | os.PathLike[str] | CacheReader, storage_options: di
     seen: dict[str, str] = {}
     rows = 0
     for i, info in enumerate(reader.shard_infos):
-        size = reader.storage.size(info.name)
+        size = reader.storage.size(info.name) if reader.storage.exists(info.name) else -1
         if size == info.bytes:  # a size mismatch is reported (more precisely) by the reader below
             check_sha256(info, sha256_of(reader.storage, info.name), reader.storage.describe(info.name))
         for row in reader.iter_rows([i]):
