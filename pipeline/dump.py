@@ -20,6 +20,7 @@ runs, so the teacher never waits for compression or the disk.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipeline.config import StrictModel, save_resolved_config
 from pipeline.errors import ConfigError, DatasetError, ModelError
@@ -89,6 +90,13 @@ class DumpConfig(StrictModel):
     max_shard_rows: int | None = Field(default=None, ge=1)  # why None: the writer's default
     max_shard_bytes: int | None = Field(default=None, ge=1)  # why None: the writer's default
     progress: bool = True  # why on: a dump takes long; the bar shows tokens/s and ETA on stderr
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v):
+            raise ValueError(f"must be auto, cpu, cuda, cuda:N or mps, got {v!r}")
+        return v
 
     @model_validator(mode="after")
     def _check_combinations(self) -> DumpConfig:
@@ -345,9 +353,11 @@ def _generate_responses(backend: Any, rows: list[Example], cfg: DumpConfig, tok:
     answers = backend.generate(prompts, min(cfg.max_new_tokens, max_length - 1), tok.eos_token_id)
     out: list[Example] = []
     for ex, ans in zip(rows, answers, strict=True):
-        new, cut = make_prompt_response_example(ex.sample_id, ex.input_ids.tolist(), ans.tolist(), max_length,
-                                                tok.bos_token_id)
-        counts["truncated"] += int(cut)
+        # The answer was written for this exact prompt, so an overlong row loses answer tokens, never prompt ones.
+        room = max_length - len(ex.input_ids)
+        counts["truncated"] += int(len(ans) > room)
+        new, _ = make_prompt_response_example(ex.sample_id, ex.input_ids.tolist(), ans[:room].tolist(), max_length,
+                                              tok.bos_token_id)
         if new is None:
             counts["skipped"] += 1
         else:
