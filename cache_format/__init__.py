@@ -4,12 +4,13 @@ Public API (see ``docs/ARCHITECTURE.md``)::
 
     CacheIdentity, TopKEncoding, SampledEncoding, ClassLogitsEncoding, tokenizer_fingerprint
     CacheWriter, TopKBatch, SampledBatch, ClassLogitsBatch
-    open_cache, CacheReader, DecodedRow, verify_cache, merge_caches
+    open_cache, CacheReader, DecodedRow, verify_cache, merge_caches, copy_cache
 """
 
 from __future__ import annotations
 
 from cache_format.batches import ClassLogitsBatch, DecodedRow, SampledBatch, TopKBatch
+from cache_format.copy import copy_cache
 from cache_format.errors import (
     CacheError,
     CacheExistsError,
@@ -75,6 +76,7 @@ __all__ = [
     "UnsafePathError",
     "UnsupportedVersionError",
     "WriterStateError",
+    "copy_cache",
     "merge_caches",
     "open_cache",
     "tokenizer_fingerprint",

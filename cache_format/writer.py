@@ -101,7 +101,7 @@ class CacheWriter:
                  queue_size: int = DEFAULT_QUEUE_SIZE, compression_level: int = DEFAULT_COMPRESSION_LEVEL) -> None:
         if is_remote(root):
             raise CacheError(f"CacheWriter writes local directories only, got {root}; write locally, then "
-                             "upload with `kdpipe cache push` / cache_format.push_cache()")
+                             "upload with `kdpipe cache copy LOCAL URL` (cache_format.copy_cache)")
         if mode not in ("create", "overwrite", "resume"):
             raise WriterStateError(f"mode must be 'create', 'overwrite' or 'resume', got {mode!r}")
         if not isinstance(identity, CacheIdentity):

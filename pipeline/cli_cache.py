@@ -1,4 +1,4 @@
-"""``kdpipe cache info|verify|merge|push``: inspect, check, join and share logit caches.
+"""``kdpipe cache info|verify|merge|copy``: inspect, check, join and share logit caches.
 
 Imports nothing heavy at module import: ``cache_format`` (numpy + pyarrow) is imported
 inside each command, torch never.
@@ -104,6 +104,19 @@ def merge(out: Annotated[str, typer.Argument(help="New (empty) output cache dire
 
     m = merge_caches(out, inputs, _storage_options(endpoint_url, anon))
     typer.echo(f"merged {len(inputs)} caches into {out}: {m['totals']['shards']} shards, {m['totals']['rows']} rows")
+
+
+@cache_app.command("copy")
+def copy(src: Annotated[str, typer.Argument(help="Finished cache: directory or URL.")],
+         dst: Annotated[str, typer.Argument(help="Destination directory or URL (e.g. s3://bucket/prefix).")],
+         overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a cache already at DST.")] = False,
+         endpoint_url: EndpointOpt = None, anon: AnonOpt = False) -> None:
+    """Upload a cache to an object store (or download one); shards first, manifest last, checksums checked."""
+    from cache_format import copy_cache
+
+    opts = _storage_options(endpoint_url, anon)
+    m = copy_cache(src, dst, src_storage_options=opts, dst_storage_options=opts, overwrite=overwrite)
+    typer.echo(f"copied {m['totals']['shards']} shards ({m['totals']['bytes']} bytes) to {dst}")
 
 
 def register(app: typer.Typer) -> None:
