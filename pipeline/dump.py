@@ -223,13 +223,15 @@ def _check_against_model(cfg: DumpConfig, info: _ModelInfo, tok: Any) -> int:
             f"tokenizer has {len(tok)} tokens but teacher {cfg.teacher} has only {info.vocab_size} output ids; "
             "pass the teacher's own tokenizer (--tokenizer)"
         )
-    if info.max_context and cfg.max_length > info.max_context:
+    # vLLM generates one token after every prompt, and that token must fit in the context too.
+    context = info.max_context - 1 if info.max_context and cfg.backend == "vllm" else info.max_context
+    if context and cfg.max_length > context:
         print(
-            f"note: --max-length {cfg.max_length} is above the teacher's context of {info.max_context}; "
-            f"rows are cut to {info.max_context} tokens (counted as truncated/split in the summary)",
+            f"note: --max-length {cfg.max_length} is above the teacher's context of {context}; "
+            f"rows are cut to {context} tokens (counted as truncated/split in the summary)",
             file=sys.stderr,
         )
-        return info.max_context
+        return context
     return cfg.max_length
 
 
@@ -404,22 +406,26 @@ def _run_units(cfg: DumpConfig, backend: Any, writer: Any, examples: list[Exampl
     done_tokens = sum(unit_tokens(u) for u in mine if u in done)
     bar = _progress(cfg, done_tokens + sum(unit_tokens(u) for u in todo), done_tokens)
     tokens = 0
+    handoff_s = 0.0  # caller-side time in writer.write/end_unit: batch checks + queueing (incl. blocked)
     try:
         for u in todo:
             s, e = slices[u]
             rows = examples[s:e]
             if cfg.teacher_generates:
                 rows = _generate_responses(backend, rows, cfg, tok, max_length, counts)
-            if rows:
-                writer.write(_unit_batch(backend, rows, cfg, u))
+            batch = _unit_batch(backend, rows, cfg, u) if rows else None
+            t0 = time.perf_counter()
+            if batch is not None:
+                writer.write(batch)
             writer.end_unit(u)
+            handoff_s += time.perf_counter() - t0
             n = unit_tokens(u)
             tokens += int(sum(len(ex.input_ids) for ex in rows))
             bar.update(n)
     finally:
         bar.close()
     return {"units_total": len(slices), "units_mine": len(mine), "units_resumed": len(mine) - len(todo),
-            "units_done": len(todo), "tokens_this_run": tokens}
+            "units_done": len(todo), "tokens_this_run": tokens, "handoff_s": handoff_s}
 
 
 def _summary(manifest: dict[str, Any], loop: dict[str, Any], timing: dict[str, float], writer_stats: dict[str, Any],
@@ -468,7 +474,8 @@ def format_summary(s: dict[str, Any]) -> str:
         f"{f(s['wall_s'], '.2f')} s = {f(s['tokens_per_s'], '.0f')} tokens/s; setup {f(s['setup_s'], '.1f')} s",
         f"time: teacher {f(s['teacher_s'], '.2f')} s ({f((s['teacher_share'] or 0) * 100, '.1f')}%), conversion "
         f"{f(s['convert_s'], '.3f')} s, waiting on writer {f(s['writer_blocked_s'], '.3f')} s, encode+write "
-        f"{f(s['encode_s'] + s['write_s'], '.3f')} s (background, overlapped); outside teacher "
+        f"{f(s['encode_s'] + s['write_s'], '.3f')} s (background, overlapped), final flush "
+        f"{f(s['finalize_s'], '.3f')} s; outside teacher "
         f"{f((s['outside_teacher_share'] or 0) * 100, '.1f')}%",
         f"rows truncated {s['truncated']}, documents split across windows {s['split_documents']}, "
         f"rows skipped (nothing to predict) {s['skipped_rows']}",
@@ -508,7 +515,9 @@ def run_dump(cfg: DumpConfig, backend: Any = None) -> dict[str, Any]:
         with CacheWriter(out.path, identity, mode=out.mode, **writer_kwargs) as writer:
             save_resolved_config(cfg, out.path)
             loop = _run_units(cfg, backend, writer, recipe.examples, tok, max_length, counts)
-            manifest = writer.finalize()
+            t_fin = time.perf_counter()
+            manifest = writer.finalize()  # waits for the last unit's encode+write: the only part not overlapped
+            loop["finalize_s"] = time.perf_counter() - t_fin
             stats = dict(writer.stats)
         wall = time.perf_counter() - t0
     finally:

@@ -139,7 +139,8 @@ class VLLMTeacher(TeacherBackend):
             "max_logprobs": int(max_logprobs),
             "logprobs_mode": "raw_logprobs",
             "enable_prefix_caching": False,
-            "max_model_len": int(settings.max_length),
+            # +1: vLLM counts the one token it must generate after each (max_length-token) prompt.
+            "max_model_len": int(settings.max_length) + 1,
             "tensor_parallel_size": settings.tensor_parallel_size,
             "enforce_eager": eager,
             "seed": settings.seed,
