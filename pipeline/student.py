@@ -89,8 +89,6 @@ def load_student(
     kwargs: dict[str, Any] = {"dtype": dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    if classification and num_labels is not None:
-        kwargs["num_labels"] = num_labels
     if (student is None) == (student_config is None):
         raise ConfigError("give exactly one of student (flag --student, a model path or name) and "
                           "student_config (flag --student-config, a config.json for a fresh model)")
@@ -106,6 +104,7 @@ def load_student(
             if attn_implementation:
                 cfg._attn_implementation = attn_implementation
             return model_cls.from_config(cfg, dtype=dtype)
+        _check_architecture(AutoConfig.from_pretrained(student), student, classification)
         model = model_cls.from_pretrained(student, **kwargs)
     except (OSError, ValueError) as exc:
         what = f"student_config {student_config}" if student_config else f"student {student}"
@@ -114,6 +113,18 @@ def load_student(
     if student_layers is not None:
         model = shrink_model(model, student_layers, model_cls)
     return model
+
+
+def _check_architecture(config: Any, student: str, classification: bool) -> None:
+    """Refuse a checkpoint whose saved head does not fit the cache's task (before loading weights)."""
+    archs = list(getattr(config, "architectures", None) or [])
+    is_classifier = any("ForSequenceClassification" in a for a in archs)
+    if archs and classification and not is_classifier:
+        raise ModelError(f"the cache holds class logits but the student {student} is a {archs[0]} without a "
+                         "sequence-classification head; use a classifier student")
+    if archs and not classification and is_classifier:
+        raise ModelError(f"the cache holds token distributions but the student {student} is a sequence "
+                         f"classifier ({archs[0]}); use a causal LM student")
 
 
 def load_tokenizer(path: str) -> Any:

@@ -24,6 +24,10 @@ from cache_format import (
     tokenizer_fingerprint,
 )
 
+# Tiny models gain nothing from intra-op threads, and on a shared 2-core CI box the threads'
+# spin-waiting makes each small matmul 10x slower.
+torch.set_num_threads(1)
+
 
 def identity_for(tokenizer: Any, encoding: Any, vocab_size: int | None = None, task: str = "lm") -> CacheIdentity:
     vocab = vocab_size or len(tokenizer)
@@ -101,3 +105,20 @@ def write_random_cache(root: Path, tokenizer: Any, *, kind: str = "topk", rows: 
             w.end_unit(unit)
         w.finalize()
     return root
+
+
+def build_trained_teacher(out: Path, tokenizer: Any, texts: list[str], steps: int = 40) -> Path:
+    """The tiny Llama (2 layers, width 64) trained a few steps so its distributions are peaked."""
+    from pipeline.toy import build_llama, token_stream, train_causal_lm
+
+    model = build_llama(len(tokenizer), tokenizer=tokenizer, seed=0)
+    train_causal_lm(model, token_stream(tokenizer, texts), steps=steps, batch_size=8, seq_len=32, lr=1e-2)
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    return out
+
+
+def student_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(folder) / "model.safetensors"))
