@@ -106,6 +106,11 @@ class DumpConfig(StrictModel):
             )
         if self.load_in_4bit and self.load_in_8bit:
             raise ValueError("--load-in-4bit and --load-in-8bit exclude each other; pick one")
+        if self.backend == "vllm" and self.encoding == "sampled":
+            raise ValueError("--encoding sampled needs the full distribution, which vLLM only returns as Python "
+                             "objects per vocabulary entry; use --backend hf for sampled caches")
+        if self.backend == "vllm" and self.task == "classification":
+            raise ValueError("--task classification needs a sequence-classifier head; use --backend hf")
         if self.task == "classification" and self.encoding == "sampled":
             raise ValueError("--encoding sampled does not apply to --task classification (it stores class logits)")
         if self.max_logprobs is not None and self.encoding == "topk" and self.task != "classification" \

@@ -74,6 +74,9 @@ def test_yaml_config_with_flag_override(capsys: Any, tiny_lm_dir: Path, data_dir
         (["--chat-template", "--task", "reasoning", "--text-field", "text", "--response-field", "text"],
          "no chat template"),
         (["--limit", "0"], "limit"),
+        (["--backend", "vllm", "--encoding", "sampled"], "use --backend hf for sampled caches"),
+        (["--backend", "vllm", "--task", "classification"], "use --backend hf"),
+        (["--device", "gpu"], "--device"),
         (["--load-in-4bit"], "--load-in-4bit needs a CUDA GPU"),
     ],
 )
