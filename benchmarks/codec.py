@@ -34,7 +34,7 @@ from typing import Any  # noqa: E402
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
-from benchmarks.common import median_time, print_table, wikitext_lines, wikitext_teacher  # noqa: E402
+from benchmarks.common import print_table, wikitext_lines, wikitext_teacher  # noqa: E402
 from cache_format import CacheIdentity, SampledBatch, SampledEncoding, TopKBatch, TopKEncoding  # noqa: E402
 from cache_format.batches import check_batch  # noqa: E402
 from cache_format.shard import build_table, decode_batch, read_shard_encoding  # noqa: E402
@@ -119,6 +119,22 @@ def synthetic_inputs(num_rows: int, num_draws: int, vocab: int = 150_000, seed: 
 # ---------------------------------------------------------------- helpers
 
 
+def timed(fn: Any, repeats: int) -> tuple[float, float]:
+    """Median (CPU seconds, wall seconds) of ``fn()`` over ``repeats`` runs after one warm-up.
+
+    Everything runs on one thread, so process CPU time is the time one core spent; on a shared
+    machine it is far less noisy than wall time (which is reported too).
+    """
+    fn()
+    cpu, wall = [], []
+    for _ in range(repeats):
+        c0, w0 = time.process_time(), time.perf_counter()
+        fn()
+        cpu.append(time.process_time() - c0)
+        wall.append(time.perf_counter() - w0)
+    return float(np.median(cpu)), float(np.median(wall))
+
+
 def identity(vocab: int, encoding: Any) -> CacheIdentity:
     return CacheIdentity(teacher={"name": "bench"}, tokenizer={"name": "bench", "vocab_size": vocab},
                          recipe={"task": "lm"}, dataset={"name": "bench"}, encoding=encoding)
@@ -153,10 +169,11 @@ def kl_topk(lp_exact: np.ndarray, lp_dec: np.ndarray, tail_dec: np.ndarray) -> f
 
 
 def row_result(label: str, data: dict[str, Any], encoding: str, k: int | str, n: int, nbytes: int, kl: float | None,
-               t_enc: float, t_dec: float, entries: float) -> dict[str, Any]:
+               t_enc: tuple[float, float], t_dec: tuple[float, float], entries: float) -> dict[str, Any]:
     return {"input": label, "encoding": encoding, "k": k, "vocab_size": data["vocab"],
             "bytes_per_token": nbytes / n, "bytes_per_entry": nbytes / (n * entries),
-            "kl_nats": kl, "encode_tokens_per_s": n / t_enc, "decode_tokens_per_s": n / t_dec}
+            "kl_nats": kl, "encode_tokens_per_s": n / t_enc[0], "decode_tokens_per_s": n / t_dec[0],
+            "encode_tokens_per_s_wall": n / t_enc[1], "decode_tokens_per_s_wall": n / t_dec[1]}
 
 
 # ---------------------------------------------------------------- codecs under test
@@ -174,8 +191,8 @@ def bench_kdpipe_topk(data: dict[str, Any], k: int, repeats: int) -> dict[str, A
         return serialize_table(build_table(block, ident), DEFAULT_COMPRESSION_LEVEL)
 
     blob = encode()
-    t_enc = median_time(encode, repeats=repeats)
-    t_dec = median_time(lambda: read_all(blob), repeats=repeats)
+    t_enc = timed(encode, repeats)
+    t_dec = timed(lambda: read_all(blob), repeats)
     rows = read_all(blob)
     ids_dec = np.concatenate([r.ids for r in rows])
     if not np.array_equal(ids_dec, batch.ids):
@@ -195,8 +212,8 @@ def bench_kdpipe_sampled(data: dict[str, Any], num_draws: int, repeats: int) -> 
         return serialize_table(build_table(block, ident), DEFAULT_COMPRESSION_LEVEL)
 
     blob = encode()
-    t_enc = median_time(encode, repeats=repeats)
-    t_dec = median_time(lambda: read_all(blob), repeats=repeats)
+    t_enc = timed(encode, repeats)
+    t_dec = timed(lambda: read_all(blob), repeats)
     rows = read_all(blob)
     uniques = float(np.mean([(r.counts > 0).sum(axis=1).mean() for r in rows]))
     n = len(draws)
@@ -247,13 +264,30 @@ def bench_baseline(data: dict[str, Any], k: int, kind: str, repeats: int) -> dic
         return got_ids, raw.reshape(-1, k)
 
     blob = encode()
-    t_enc = median_time(encode, repeats=repeats)
-    t_dec = median_time(decode, repeats=repeats)
+    t_enc = timed(encode, repeats)
+    t_dec = timed(decode, repeats)
     _, dec = decode()
     p = np.exp(dec.astype(np.float64))
     tail = np.clip(1 - p.sum(axis=1), 0, 1)  # baselines store no tail: it is recomputed from the values
     kl = kl_topk(lps, dec, tail)
     return row_result(data["label"], data, kind, k, len(lps), len(blob), kl, t_enc, t_dec, k)
+
+
+def column_breakdown(data: dict[str, Any], k: int) -> list[dict[str, Any]]:
+    """Compressed bytes per token of each kdpipe topk column (each serialized alone, zstd level 3)."""
+    sids, inputs, positions = row_lists(data)
+    ident = identity(data["vocab"], TopKEncoding(k=k))
+    batch = TopKBatch(sample_ids=sids, input_ids=inputs, positions=positions,
+                      ids=np.ascontiguousarray(data["ids"][:, :k]),
+                      logprobs=np.ascontiguousarray(data["logprobs"][:, :k]))
+    table = build_table(check_batch(batch, ident), ident)
+    n = len(batch.logprobs)
+    out = []
+    for name in table.column_names:
+        one = table.select([name]).replace_schema_metadata(None)
+        out.append({"input": data["label"], "k": k, "column": name,
+                    "bytes_per_token": len(serialize_table(one, DEFAULT_COMPRESSION_LEVEL)) / n})
+    return out
 
 
 # ---------------------------------------------------------------- id coding study (bytes only)
@@ -310,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     inputs.append(synthetic_inputs(rows_n, max(args.draws)))
     results: list[dict[str, Any]] = []
     study: list[dict[str, Any]] = []
+    breakdown: list[dict[str, Any]] = []
     for data in inputs:
         for k in (16, 64, 128):
             base = bench_baseline(data, k, "int32+float32 raw", repeats)
@@ -326,16 +361,22 @@ def main(argv: list[str] | None = None) -> int:
             r["size_vs_raw"] = r["bytes_per_token"] / raw64["bytes_per_token"]
             results.append(r)
         study += id_coding_study(data, 64)
+        breakdown += column_breakdown(data, 64)
     cols = ["input", "encoding", "k", "vocab_size", "bytes_per_token", "bytes_per_entry", "kl_nats",
             "encode_tokens_per_s", "decode_tokens_per_s", "size_vs_raw", "decode_vs_raw"]
-    print(f"\n## codec (single core, median of {repeats}; {rows_n} rows x {SEQ_LEN - 1} positions per input)\n")
+    load = os.getloadavg()[0]
+    print(f"\n## codec (one thread; tokens/s from process CPU time, median of {repeats}; {rows_n} rows x "
+          f"{SEQ_LEN - 1} positions per input; load average {load:.1f} on {os.cpu_count()} cores)\n")
     print_table(results, cols)
     print("\n## id layouts at k=64 (zstd level 3, bytes per stored id; chooses the v1 id coding)\n")
     print_table(study, ["input", "k", "id layout", "bytes_per_id"])
+    print("\n## kdpipe topk k=64: compressed bytes per token of each column (serialized alone)\n")
+    print_table(breakdown, ["input", "k", "column", "bytes_per_token"])
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"codec": results, "id_layouts": study, "rows": rows_n, "repeats": repeats,
-                       "seq_len": SEQ_LEN}, fh, indent=2)
+            json.dump({"codec": results, "id_layouts": study, "columns": breakdown, "rows": rows_n, "repeats": repeats,
+                       "seq_len": SEQ_LEN, "load_average": load, "cpu_count": os.cpu_count(),
+                       "timing": "tokens/s from process CPU time (one thread); *_wall from wall time"}, fh, indent=2)
     return 0
 
 

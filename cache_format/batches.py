@@ -207,7 +207,8 @@ def check_batch(batch: Any, identity: CacheIdentity) -> RowBlock:
         if draws.size and not np.issubdtype(draws.dtype, np.integer):
             raise EncodingError(f"SampledBatch.draws must be integers, got dtype {draws.dtype}")
         return RowBlock(sids, inputs, positions, labels, {"draws": draws.astype(np.int32, copy=False)})
-    assert isinstance(enc, ClassLogitsEncoding)  # the identity constructor admits only three kinds
+    if not isinstance(enc, ClassLogitsEncoding):  # unreachable: CacheIdentity admits only three kinds
+        raise EncodingError(f"unknown encoding {enc!r}")
     if not isinstance(batch, ClassLogitsBatch):
         raise EncodingError(f"this cache's encoding is class_logits; write ClassLogitsBatch, not {type(batch).__name__}")
     limit = identity.id_limit or None

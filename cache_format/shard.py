@@ -135,8 +135,8 @@ def encode_block(block: RowBlock, identity: CacheIdentity, enc: dict[str, Any]) 
 def batch_cuts(block: RowBlock) -> list[tuple[int, int]]:
     """Row ranges of the record batches: at most BATCH_MAX_ROWS rows and about BATCH_MAX_POSITIONS positions."""
     cuts, start, acc = [], 0, 0
-    for i, p in enumerate(block.positions):
-        acc += len(p)
+    for i, n in enumerate([len(p) for p in block.positions]):
+        acc += n
         if i + 1 - start >= BATCH_MAX_ROWS or acc >= BATCH_MAX_POSITIONS:
             cuts.append((start, i + 1))
             start, acc = i + 1, 0

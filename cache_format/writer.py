@@ -153,7 +153,7 @@ class CacheWriter:
         block = check_batch(batch, self.identity)
         for sid in block.sample_ids:
             if sid in self._sample_ids:
-                raise DuplicateError(f"sample_id {sid!r} was already written in this run; sample ids must be "
+                raise DuplicateError(f"sample_id {sid!r} was already written in this unit; sample ids must be "
                                      "unique in a cache")
         self._sample_ids.update(block.sample_ids)
         self._put(("rows", block))
@@ -169,6 +169,9 @@ class CacheWriter:
         if unit in self._ended:
             raise WriterStateError(f"unit {unit} was already ended in this run; each unit is ended once")
         self._ended.add(unit)
+        # Only the current unit's ids are kept (memory stays bounded by the unit size); units are
+        # disjoint slices of a dataset, and verify/merge check uniqueness across the whole cache.
+        self._sample_ids.clear()
         self._put(("end_unit", unit))
 
     def finalize(self) -> dict[str, Any]:
