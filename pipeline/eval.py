@@ -450,8 +450,11 @@ def parse_compare_entry(entry: str) -> tuple[str, str]:
     return Path(entry.rstrip("/")).name or entry, entry
 
 
-def run_compare(cfg: EvalConfig) -> dict[str, Any]:
-    """Evaluate each ``--compare`` entry (or load its earlier ``--json`` result) into one table."""
+def run_compare(cfg: EvalConfig, echo: bool = True) -> dict[str, Any]:
+    """Evaluate each ``--compare`` entry (or load its earlier ``--json`` result) into one table.
+
+    ``echo``: print the markdown table (the CLI's output; callers that print it themselves pass False).
+    """
     columns: list[dict[str, Any]] = []
     for entry in cfg.compare or []:
         name, path = parse_compare_entry(entry)
@@ -463,7 +466,8 @@ def run_compare(cfg: EvalConfig) -> dict[str, Any]:
     markdown = compare_table(columns)
     out = {"columns": columns, "markdown": markdown}
     _write_outputs(cfg, out, markdown=markdown)
-    print(markdown)
+    if echo:
+        print(markdown)
     return out
 
 
@@ -544,8 +548,9 @@ def _write_outputs(cfg: EvalConfig, result: dict[str, Any], markdown: str | None
     save_resolved_config(cfg, path.parent, name=f"{path.stem}.config.yaml")
 
 
-def print_result(result: dict[str, Any], file: Any = sys.stdout) -> None:
-    """One line per metric, for the CLI."""
+def print_result(result: dict[str, Any], file: Any = None) -> None:
+    """One line per metric, for the CLI (``file`` None: the current ``sys.stdout``)."""
+    file = file or sys.stdout
     if "markdown" in result:
         return  # run_compare already printed its table
     print(f"model {result['model']} ({metrics.format_params(int(result['params']))} params), task {result['task']}",

@@ -149,3 +149,30 @@ def test_missing_model_and_dataset_are_clear(tiny_lm_dir: Path, tmp_path: Path) 
         run_eval(_cfg(model=str(tiny_lm_dir), task="lm", dataset=str(tmp_path / "x.txt")))
     with pytest.raises(ConfigError, match="result file"):
         run_eval(_cfg(compare=[str(tmp_path / "missing.json")], task="lm"))
+
+
+def _cli(argv: list[str]) -> int:
+    from pipeline.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    return int(exc.value.code or 0)
+
+
+def test_cli_eval_json_then_compare_positional_list(tiny_lm_dir: Path, data_dir: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    res = tmp_path / "a.json"
+    assert _cli(["eval", "--model", str(tiny_lm_dir), "--task", "lm", "--dataset", str(data_dir / "lm.txt"),
+                 "--max-length", "48", "--json", str(res)]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    # `--compare A B C`: one flag, the rest as a list.
+    assert _cli(["eval", "--compare", f"a={res}", f"b={res}", f"c={res}", "--task", "lm"]) == 0
+    assert "| task | a | b | c |" in capsys.readouterr().out
+
+
+def test_cli_errors_are_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _cli(["eval", "--task", "lm"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "--model" in err[0]
+    assert _cli(["eval", str(tmp_path / "x.json")]) == 2
+    assert "--compare" in capsys.readouterr().err

@@ -1,0 +1,63 @@
+"""`kdpipe demo`: a quick smoke run that checks every artifact, and the full run (slow)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.demo import DemoConfig, run_demo
+from pipeline.errors import ConfigError
+
+
+def _check_artifacts(out: Path) -> None:
+    for rel in (
+        "report.md", "loss_curves.png", "metrics.png", "demo_config.yaml", "kdpipe-demo.json",
+        "data/teacher_train.txt", "data/train.txt", "data/valid.txt",
+        "teacher/config.json", "teacher/tokenizer.json", "teacher/train_losses.json",
+        "cache/manifest.json", "cache/config.yaml",
+        "student-init/config.json",
+        "student-kd/config.json", "student-kd/train_summary.json", "student-kd/train_config.yaml",
+        "student-ce/config.json", "student-ce/train_summary.json", "student-ce/train_config.yaml",
+        "eval/compare.json", "eval/compare.md", "eval/teacher.json", "eval/student-kd.json",
+    ):
+        assert (out / rel).is_file(), f"missing {rel}"
+    for png in ("loss_curves.png", "metrics.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (out / "report.md").read_text()
+    assert "| task | teacher | student-init | student-ce | student-kd |" in report
+    assert "kdpipe dump-teacher --config" in report and "kdpipe eval --compare" in report
+    assert json.loads((out / "kdpipe-demo.json").read_text())["status"] == "done"
+    # Both students trained from the same cache with the only difference being the loss mix.
+    kd = json.loads((out / "student-kd/train_summary.json").read_text())["resolved_config"]
+    ce = json.loads((out / "student-ce/train_summary.json").read_text())["resolved_config"]
+    diff = {k for k in kd if kd[k] != ce[k]}
+    assert diff == {"alpha", "out"}
+
+
+def test_quick_demo_writes_every_artifact(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    summary = run_demo(DemoConfig(out=str(out), quick=True, backend="hf"))
+    _check_artifacts(out)
+    assert summary["backend"] == "hf"
+    assert set(summary["timings"]) >= {"data", "teacher", "dump", "train_kd", "train_ce", "eval", "total"}
+    # A second run replaces the first (the folder is marked as a demo) ...
+    run_demo(DemoConfig(out=str(out), quick=True, backend="hf", teacher_steps=2, student_steps=2))
+    _check_artifacts(out)
+
+
+def test_demo_refuses_a_folder_that_is_not_a_demo(tmp_path: Path) -> None:
+    (tmp_path / "precious.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="not an earlier kdpipe demo"):
+        run_demo(DemoConfig(out=str(tmp_path), quick=True, backend="hf"))
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+@pytest.mark.slow
+def test_full_demo_distilled_student_beats_ce(tmp_path: Path) -> None:
+    """The real demo (minutes): the KD student must have lower held-out perplexity than CE."""
+    summary = run_demo(DemoConfig(out=str(tmp_path / "full")))
+    _check_artifacts(tmp_path / "full")
+    assert summary["verdict"]["kd_beats_ce"], summary["table"]
+    assert summary["timings"]["total"] < 600
