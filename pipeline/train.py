@@ -240,7 +240,9 @@ class Trainer:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
-        self.accelerator = Accelerator(mixed_precision="bf16" if self.cfg.precision == "bf16" else "no")
+        # Without any accelerator, accelerate only sets up torchrun's process group (gloo) in cpu mode.
+        cpu = not torch.accelerator.is_available()
+        self.accelerator = Accelerator(mixed_precision="bf16" if self.cfg.precision == "bf16" else "no", cpu=cpu)
         self.is_main = self.accelerator.is_main_process
         self.world = self.accelerator.num_processes
         # Same init on every rank (DDP broadcasts anyway); per-rank dropout differs via device_specific later.

@@ -74,7 +74,7 @@ def write_teacher_cache(root: Path, teacher_dir: Path, tokenizer: Any, texts: li
 
 def write_random_cache(root: Path, tokenizer: Any, *, kind: str = "topk", rows: int = 24, length: int = 10,
                        k: int = 8, vocab_size: int | None = None, num_classes: int = 2, max_shard_rows: int = 10_000,
-                       seed: int = 0) -> Path:
+                       seed: int = 0, rows_per_unit: int = 8) -> Path:
     """A valid cache of random distributions; ``rows=0`` gives an empty (finalized) cache."""
     rng = np.random.default_rng(seed)
     V = vocab_size or len(tokenizer)
@@ -86,8 +86,8 @@ def write_random_cache(root: Path, tokenizer: Any, *, kind: str = "topk", rows: 
         enc = ClassLogitsEncoding(num_classes=num_classes)
     ident = identity_for(tokenizer, enc, vocab_size=V, task="classification" if kind == "class_logits" else "lm")
     with CacheWriter(root, ident, max_shard_rows=max_shard_rows) as w:
-        for unit, start in enumerate(range(0, rows, 8)):
-            n = min(8, rows - start)
+        for unit, start in enumerate(range(0, rows, rows_per_unit)):  # each unit becomes >= 1 shard
+            n = min(rows_per_unit, rows - start)
             sids = [f"r{start + i}" for i in range(n)]
             inputs = [rng.integers(4, len(tokenizer), length).astype(np.int32) for _ in range(n)]
             positions = [np.arange(length - 1, dtype=np.int32) for _ in range(n)]
