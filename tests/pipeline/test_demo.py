@@ -61,3 +61,23 @@ def test_full_demo_distilled_student_beats_ce(tmp_path: Path) -> None:
     _check_artifacts(tmp_path / "full")
     assert summary["verdict"]["kd_beats_ce"], summary["table"]
     assert summary["timings"]["total"] < 600
+
+
+def test_synthetic_language_is_reproducible_and_its_floor_is_exact() -> None:
+    import math
+
+    import numpy as np
+
+    from pipeline.synthetic import HMMLanguage, make_language, sample_documents, source_nll
+
+    a = make_language(num_words=20, num_states=4, words_per_state=5, seed=3)
+    b = make_language(num_words=20, num_states=4, words_per_state=5, seed=3)
+    assert a.words == b.words and np.array_equal(a.emission, b.emission)
+    docs = sample_documents(a, 5, 12, seed=1)
+    assert docs == sample_documents(b, 5, 12, seed=1)
+    assert all(len(d.split()) == 12 and set(d.split()) <= set(a.words) for d in docs)
+    # One state emitting 4 words uniformly: every word costs log 4 nats.
+    uniform = HMMLanguage(words=("ba", "ke", "lo", "mu"), start=np.ones(1), transition=np.ones((1, 1)),
+                          emission=np.full((1, 4), 0.25))
+    nll, n = source_nll(uniform, ["ba ke lo", "mu mu"])
+    assert n == 5 and nll == pytest.approx(5 * math.log(4))
