@@ -1,0 +1,110 @@
+"""Golden caches: fixed contents, pinned hashes. A failure here means the bytes a writer produces
+changed: that is a format change, which needs a version bump in SPEC.md and new pins.
+
+Two pins per shard: ``content`` (sha256 of the decoded Arrow table: schema, metadata, every value)
+must always match; ``file`` (the shard's sha256 as the manifest records it) is checked when the
+pyarrow major version equals the one that produced the pin, since zstd output may change with the
+compression library even when the format does not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from cache_helpers import identity
+
+from cache_format import (
+    CacheWriter,
+    ClassLogitsBatch,
+    ClassLogitsEncoding,
+    SampledBatch,
+    SampledEncoding,
+    TopKBatch,
+    TopKEncoding,
+    open_cache,
+    verify_cache,
+)
+
+PINNED_PYARROW_MAJOR = 26
+
+
+def golden_topk() -> tuple[object, TopKBatch]:
+    lp = np.log(np.array([[0.5, 0.2, 0.1, 0.05], [0.9, 0.05, 0.01, 0.001], [0.3, 0.3, 0.2, 0.1],
+                          [0.25, 0.25, 0.25, 0.25], [0.97, 0.01, 1e-5, 1e-20]], dtype=np.float64)).astype(np.float32)
+    ids = np.array([[5, 17, 299, 0], [1, 2, 3, 4], [250, 251, 7, 8], [10, 11, 12, 13], [42, 43, 44, 45]], np.int32)
+    batch = TopKBatch(sample_ids=["empty", "one-token", "doc-7#0"],
+                      input_ids=[np.zeros(0, np.int32), np.array([3], np.int32), np.array([1, 5, 9, 2, 8, 4], np.int32)],
+                      positions=[np.zeros(0, np.int32), np.zeros(0, np.int32), np.arange(5, dtype=np.int32)],
+                      ids=ids, logprobs=lp, labels=[None, None, 1])
+    return identity(TopKEncoding(k=4), vocab=300), batch
+
+
+def golden_sampled() -> tuple[object, SampledBatch]:
+    draws = np.array([[1, 1, 2, 9], [299, 0, 299, 299], [5, 5, 5, 5]], np.int32)
+    batch = SampledBatch(sample_ids=["a", "b"], input_ids=[np.array([4, 4, 4], np.int32), np.array([7, 8], np.int32)],
+                         positions=[np.array([0, 1], np.int32), np.array([0], np.int32)], draws=draws)
+    return identity(SampledEncoding(num_draws=4), vocab=300), batch
+
+
+def golden_class() -> tuple[object, ClassLogitsBatch]:
+    return (identity(ClassLogitsEncoding(num_classes=2, labels=["neg", "pos"]), vocab=300),
+            ClassLogitsBatch(sample_ids=["s1", "s2"], logits=np.array([[1.5, -0.25], [-3.0, 2.0]], np.float32),
+                             labels=[1, None]))
+
+
+PINS = {
+    "topk": {"content": "d433300866aec039f193f4aa6d6b28d5481e4f646a4e1ed9ae738b60d8f6fd27",
+             "file": "e348f44b0332896314c82406d504b02bc8328b310cb1981b26406ccefb470777"},
+    "sampled": {"content": "42a1d2c285c8bedc49317a187f0f56234c5eaed60e6c42d662ec7f7d54f33d7e",
+                "file": "2ee964d3dfadac0bbad3295775ac035eddcdfddc1a983fa2a77d0ab443bea289"},
+    "class_logits": {"content": "48d32d9bc1f8f9056cd17adacc83cdad9e18be71ba14fa41ada5d12e020c2efa",
+                     "file": "177279327ab2fa7801f5b18353f0ea9a2e1eccc310b18de330b7c528953d86df"},
+}
+BUILDERS = {"topk": golden_topk, "sampled": golden_sampled, "class_logits": golden_class}
+
+
+def content_hash(path: Path) -> str:
+    table = pa.ipc.open_file(str(path)).read_all()
+    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    blob = json.dumps({"schema": str(table.schema.remove_metadata()), "metadata": meta, "rows": table.to_pylist()},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@pytest.mark.parametrize("kind", sorted(BUILDERS))
+def test_golden_cache_bytes_are_pinned(kind: str, tmp_path: Path) -> None:
+    ident, batch = BUILDERS[kind]()
+    with CacheWriter(tmp_path / kind, ident) as w:  # type: ignore[arg-type]
+        w.write(batch)
+        w.end_unit(0)
+        manifest = w.finalize()
+    verify_cache(tmp_path / kind)
+    assert len(manifest["shards"]) == 1
+    shard = tmp_path / kind / manifest["shards"][0]["name"]
+    got = {"content": content_hash(shard), "file": manifest["shards"][0]["sha256"]}
+    assert got["content"] == PINS[kind]["content"], f"{kind}: shard content changed (format change?): {got}"
+    if int(pa.__version__.split(".")[0]) == PINNED_PYARROW_MAJOR:
+        assert got["file"] == PINS[kind]["file"], f"{kind}: shard bytes changed: {got}"
+
+
+def test_golden_topk_decodes_to_pinned_values(tmp_path: Path) -> None:
+    ident, batch = golden_topk()
+    with CacheWriter(tmp_path / "g", ident) as w:  # type: ignore[arg-type]
+        w.write(batch)
+        w.finalize()
+    rows = list(open_cache(tmp_path / "g").iter_rows())
+    assert [len(r.positions) for r in rows] == [0, 0, 5]
+    r = rows[2]
+    assert r.label == 1
+    np.testing.assert_array_equal(r.ids, batch.ids)
+    # Worked by hand from SPEC §3.1: p = (.5, .2, .1, .05), tail .15 -> q = (6, 13, 18, 24);
+    # M = sum(exp(-q/8)) = 0.824469; ln(M + .15) = -0.025862 -> norm_code = ceil(-847.45) = -847;
+    # logprob = -q/8 + 847/32768; tail' = 1 - exp(-847/32768) * M = 0.153947 -> tail_code 3832.
+    np.testing.assert_allclose(r.logprobs[0], [-0.724152, -1.599152, -2.224152, -2.974152], atol=1e-6)
+    np.testing.assert_allclose(r.tail[0], np.exp(-3832 / 2048), rtol=1e-6)
+    np.testing.assert_allclose(np.exp(r.logprobs.astype(np.float64)).sum(1) + r.tail, 1.0, atol=2.5e-4)
