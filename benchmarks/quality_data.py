@@ -23,13 +23,13 @@ SEED = 0
 # Sizes, chosen for 2 shared CPU cores (see docs/RESULTS.md, "Setup").
 LM_VOCAB = 2048
 LM_TEACHER = {"hidden_size": 128, "num_layers": 2}
-LM_TEACHER_TRAIN = {"steps": 160, "batch_size": 16, "seq_len": 128, "lr": 2e-3}
+LM_TEACHER_TRAIN = {"steps": 100, "batch_size": 16, "seq_len": 128, "lr": 2e-3}
 CLS_VOCAB = 2048
 CLS_TEACHER = {"hidden_size": 128, "num_layers": 2}
-CLS_TEACHER_TRAIN = {"epochs": 4, "batch_size": 32, "lr": 1e-3}
+CLS_TEACHER_TRAIN = {"epochs": 2, "batch_size": 32, "lr": 1e-3}
 GSM_VOCAB = 2048
 GSM_TEACHER = {"hidden_size": 128, "num_layers": 2}
-GSM_TEACHER_TRAIN = {"steps": 160, "batch_size": 8, "seq_len": 256, "lr": 2e-3}
+GSM_TEACHER_TRAIN = {"steps": 100, "batch_size": 8, "seq_len": 256, "lr": 2e-3}
 # The prompt/response format the GSM8K teacher is trained on; the reasoning dump recipe
 # must use the same template (passed to run_dump explicitly).
 GSM_PROMPT = "Question: {question}\nAnswer: "
@@ -149,7 +149,7 @@ def cls_tokenizer() -> Any:
     return build_tokenizer(texts, vocab_size=CLS_VOCAB, out_dir=folder)
 
 
-def encode_batch(tok: Any, texts: list[str], max_length: int = 64) -> dict[str, Any]:
+def encode_batch(tok: Any, texts: list[str], max_length: int = 48) -> dict[str, Any]:
     enc = tok(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 

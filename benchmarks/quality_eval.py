@@ -118,7 +118,10 @@ def eval_reasoning(
                              "answer_tokens": s["tokens"]}
     if teacher is not None:
         out.update(agree.summary())
-    # Greedy generation for exact match (left-padded batches).
+    if em_limit <= 0:
+        return out
+    # Greedy generation for exact match (left-padded, one batch: generation is step-bound on CPU).
+    batch_size = max(batch_size, em_limit)
     refs = [r["answer"] for r in gsm8k("test")[:em_limit]]
     prompts = [p for p, _ in gsm_rows(tok, "test", em_limit, template, max_length)]
     preds = []
