@@ -645,6 +645,56 @@ def table(task: str, results: list[dict[str, Any]]) -> str:
     return print_table(rows, MAIN_COLUMNS[task])
 
 
+def check_targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's four targets, evaluated on the main metric (lower is better except accuracy)."""
+    by = {r.get("arm", "teacher"): r for r in results}
+    if not results:
+        return []
+    metric = results[0]["metric"]
+    higher = metric == "accuracy"
+
+    def better(a: float, b: float) -> bool:
+        return a > b if higher else a < b
+
+    def rel(a: float, b: float) -> float:
+        return (a - b) / b
+
+    rows: list[dict[str, Any]] = []
+    ce = by.get("ce")
+    online = by.get("online")
+    cache_arms = [r for r in results if "bytes_per_token" in r]
+    if ce is not None:
+        for r in cache_arms:
+            rows.append({"target": "cache-trained student beats CE", "arm": r["arm"], "value": r["value"],
+                         "reference": ce["value"], "met": better(r["value"], ce["value"])})
+    if online is not None:
+        for r in cache_arms:
+            if r["arm"].startswith("topk") and not r["arm"].endswith("renorm"):
+                d = rel(r["value"], online["value"])
+                worse = -d if higher else d
+                rows.append({"target": "top-k+tail within 2% of online KD", "arm": r["arm"], "value": r["value"],
+                             "reference": online["value"], "relative": d, "met": worse <= 0.02})
+    for r in cache_arms:
+        if r["arm"].endswith("renorm"):
+            tail = by.get(r["arm"][: -len("-renorm")])
+            if tail is not None:
+                rows.append({"target": "tail no worse than renormalised", "arm": tail["arm"], "value": tail["value"],
+                             "reference": r["value"], "relative": rel(tail["value"], r["value"]),
+                             "met": not better(r["value"], tail["value"])})
+    if online is not None:
+        tk = [r for r in cache_arms if r["arm"].startswith("topk") and not r["arm"].endswith("renorm")]
+        for r in cache_arms:
+            if r["arm"].startswith("sampled") and tk:
+                near = min(tk, key=lambda t: abs(math.log(t["bytes_per_token"] / r["bytes_per_token"])))
+                gap_s = abs(r["value"] - online["value"])
+                gap_t = abs(near["value"] - online["value"])
+                rows.append({"target": "sampled closer to online than top-k at equal bytes", "arm": r["arm"],
+                             "value": r["value"], "reference": near["value"], "bytes": r["bytes_per_token"],
+                             "reference_arm": near["arm"], "reference_bytes": near["bytes_per_token"],
+                             "met": gap_s < gap_t})
+    return rows
+
+
 def plot(task: str, results: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -708,6 +758,10 @@ def main(argv: list[str] | None = None) -> None:
     results = {"lm": run_lm, "classification": run_classification, "reasoning": run_reasoning}[args.task](args)
     print(f"\n## {args.task} (wall {time.perf_counter() - t0:.0f}s)\n")
     table(args.task, results)
+    checks = check_targets(results)
+    if checks:
+        print("\n### targets\n")
+        print_table(checks, ["target", "arm", "value", "reference", "relative", "met"])
     if args.json:
         save_json(args.json, results)
     if args.plot:
