@@ -82,7 +82,11 @@ def make_language(
 def sample_documents(
     lang: HMMLanguage, num_docs: int, words_per_doc: int, seed: int
 ) -> list[str]:
-    """``num_docs`` documents of ``words_per_doc`` space-separated words each."""
+    """``num_docs`` documents of ``words_per_doc`` words, each word preceded by a space.
+
+    The leading space on the first word too: a byte-level BPE marks a word start by its space,
+    so every word, the first included, becomes the same single token.
+    """
     rng = np.random.default_rng(seed)
     docs = []
     cum_t = lang.transition.cumsum(axis=1)
@@ -95,7 +99,7 @@ def sample_documents(
             out.append(lang.words[min(w, len(lang.words) - 1)])
             h = int(np.searchsorted(cum_t[h], rng.random() * cum_t[h, -1]))
             h = min(h, lang.num_states - 1)
-        docs.append(" ".join(out))
+        docs.append(" " + " ".join(out))
     return docs
 
 

@@ -42,9 +42,21 @@ def test_quick_demo_writes_every_artifact(tmp_path: Path) -> None:
     _check_artifacts(out)
     assert summary["backend"] == "hf"
     assert set(summary["timings"]) >= {"data", "teacher", "dump", "train_kd", "train_ce", "eval", "total"}
-    # A second run replaces the first (the folder is marked as a demo) ...
-    run_demo(DemoConfig(out=str(out), quick=True, backend="hf", teacher_steps=2, student_steps=2))
-    _check_artifacts(out)
+    assert "Per-word perplexity" in (out / "report.md").read_text()
+
+
+def test_demo_replaces_an_earlier_demo_only_when_allowed(tmp_path: Path) -> None:
+    from pipeline.demo import _setup_output
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "kdpipe-demo.json").write_text("{}")
+    (out / "old.txt").write_text("earlier run")
+    with pytest.raises(ConfigError, match="--overwrite"):
+        _setup_output(DemoConfig(out=str(out), quick=True, backend="hf", overwrite=False))
+    state = _setup_output(DemoConfig(out=str(out), quick=True, backend="hf", teacher_steps=3))
+    assert not (out / "old.txt").exists() and (out / "demo_config.yaml").is_file()
+    assert state.sizes.teacher_steps == 3
 
 
 def test_demo_refuses_a_folder_that_is_not_a_demo(tmp_path: Path) -> None:

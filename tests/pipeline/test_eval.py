@@ -176,3 +176,18 @@ def test_cli_errors_are_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFi
     assert len(err) == 1 and err[0].startswith("error: ") and "--model" in err[0]
     assert _cli(["eval", str(tmp_path / "x.json")]) == 2
     assert "--compare" in capsys.readouterr().err
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_vllm_generation_matches_hf_greedy(tiny_lm_dir: Path, data_dir: Path) -> None:
+    """The vLLM generation path (CPU build here) gives the same greedy answers as HF generate."""
+    import pipeline.eval as ev
+
+    cfg = _cfg(model=str(tiny_lm_dir), task="reasoning", dataset=str(data_dir / "gsm.jsonl"), max_new_tokens=6,
+               max_length=96)
+    vllm_out = run_eval(cfg.model_copy(update={"generation_backend": "vllm"}))
+    hf_out = run_eval(cfg.model_copy(update={"generation_backend": "hf"}))
+    assert vllm_out["generation_backend"] == "vllm" and hf_out["generation_backend"] == "hf"
+    assert [s["prediction"] for s in vllm_out["samples"]] == [s["prediction"] for s in hf_out["samples"]]
+    assert ev.TASK_METRICS["reasoning"] == ("exact_match",)
