@@ -59,7 +59,7 @@ def real_inputs(num_rows: int, num_draws: int, seed: int = 0) -> dict[str, Any]:
     torch.manual_seed(seed)
     path = wikitext_teacher()
     tok = AutoTokenizer.from_pretrained(str(path))
-    model = AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     stream: list[int] = []
     for line in wikitext_lines("test"):
         stream.extend(tok(line)["input_ids"])

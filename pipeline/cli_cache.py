@@ -50,8 +50,8 @@ def cache_summary(path: str, storage_options: dict[str, Any] | None = None) -> d
         "tokens": m.num_tokens,
         "positions": m.num_positions,
         "bytes": m.num_bytes,
-        # Per target position (what a student trains on); per row for class_logits caches.
-        "bytes_per_position" if m.num_positions else "bytes_per_row": (m.num_bytes / per) if per else None,
+        # Per target position (a token with a stored distribution); per row for class_logits caches.
+        "bytes_per_token" if m.num_positions else "bytes_per_row": (m.num_bytes / per) if per else None,
         "shards": len(m.shards),
         "units": len(m.units),
     }
@@ -67,7 +67,7 @@ def info(path: Annotated[str, typer.Argument(help="Cache directory or URL (s3://
         typer.echo(json.dumps(s, indent=2))
         return
     t, tok, enc = s["teacher"], s["tokenizer"], s["encoding"]
-    per_key = "bytes_per_position" if "bytes_per_position" in s else "bytes_per_row"
+    per_key = "bytes_per_token" if "bytes_per_token" in s else "bytes_per_row"
     lines = [
         f"cache      {s['path']}  (format {s['format_version']}, created {s['created_at']})",
         f"teacher    {t.get('name')} @ {t.get('revision')}  dtype={t.get('dtype')} backend={t.get('backend')}",
@@ -76,7 +76,8 @@ def info(path: Annotated[str, typer.Argument(help="Cache directory or URL (s3://
         "encoding   " + " ".join(f"{k}={v}" for k, v in enc.items()),
         f"recipe     {s['recipe'].get('task')}   dataset {s['dataset'].get('name')} {s['dataset'].get('split') or ''}",
         f"rows       {s['rows']}   tokens {s['tokens']}   target positions {s['positions']}",
-        f"bytes      {s['bytes']}   {per_key.replace('_', ' ')} {s[per_key]:.2f}" if s[per_key] is not None
+        f"bytes      {s['bytes']}   {per_key.replace('_', ' ')} {s[per_key]:.2f}"
+        + ("  (per target position)" if per_key == "bytes_per_token" else "") if s[per_key] is not None
         else f"bytes      {s['bytes']}",
         f"shards     {s['shards']}   units {s['units']}",
     ]
