@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from cache_helpers import (
     class_batch,
     make_class_identity,
@@ -62,3 +63,36 @@ def test_class_logits_round_trip_is_exact(tmp_path: Path) -> None:
     np.testing.assert_array_equal(np.stack([r.class_logits for r in rows]), batch.logits.astype(np.float32))
     assert [r.label for r in rows] == [0, 1, 2]
     assert all(r.ids is None and len(r.positions) == 0 for r in rows)
+
+
+def test_shard_subsets_for_workers_are_disjoint_and_complete(tmp_path: Path) -> None:
+    root = write_topk_cache(tmp_path / "c", units=5, rows_per_unit=2)
+    reader = open_cache(root)
+    parts = [reader.shards_for_worker(i, 3) for i in range(3)]
+    assert sorted(i for p in parts for i in p) == list(range(5))
+    ids = [r.sample_id for p in parts for r in reader.iter_rows(shards=p)]
+    assert sorted(ids) == sorted(r.sample_id for r in reader.iter_rows())
+    assert reader.read_row(4, 1).target_mask.sum() == 11
+
+
+def test_byte_budget_cuts_shards(tmp_path: Path) -> None:
+    from cache_helpers import identity
+
+    with CacheWriter(tmp_path / "c", identity(), max_shard_bytes=2000) as w:
+        for i in range(4):
+            w.write(topk_batch([f"r{i}"], seed=i))  # ~900 bytes of arrays per row
+        w.end_unit(0)
+        m = w.finalize()
+    assert [s["part"] for s in m["shards"]] == [0, 1] and [s["rows"] for s in m["shards"]] == [3, 1]
+
+
+def test_verify_checksums_on_open(tmp_path: Path) -> None:
+    from cache_format import ChecksumMismatchError
+
+    root = write_topk_cache(tmp_path / "c", units=1)
+    shard = root / open_cache(root).shard_infos[0].name
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 1
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ChecksumMismatchError, match=r"sha256"):
+        list(open_cache(root, verify_checksums=True).iter_rows())
