@@ -178,6 +178,11 @@ class CacheReader:
                                     f"({type(exc).__name__}: {exc}); run `kdpipe cache verify` and re-copy or "
                                     "re-dump it") from None
         enc = read_shard_encoding(reader.schema, info.name)
+        if enc != self.manifest.shard_encoding:
+            fh.close()
+            raise ShardCorruptError(f"shard {self.storage.describe(info.name)} was written with encoding {enc}, but "
+                                    f"the manifest says {self.manifest.shard_encoding}; the shard belongs to another "
+                                    "cache — re-copy the cache or re-dump it")
         starts = batch_starts(reader.schema, reader.num_record_batches, info)
         self._open_index, self._open_reader, self._open_file = i, reader, fh
         self._open_enc, self._open_starts = enc, starts

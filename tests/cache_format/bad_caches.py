@@ -166,6 +166,28 @@ def duplicate_sample_ids(root: Path) -> None:
     _save(root, m)
 
 
+def shard_from_another_cache(root: Path) -> None:
+    """Shard 0 replaced by a consistent shard of a k=4 cache (manifest sizes and checksums updated)."""
+    import hashlib
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from cache_helpers import write_topk_cache
+
+    with tempfile.TemporaryDirectory() as tmp:
+        other = write_topk_cache(Path(tmp) / "other", units=1, k=4)
+        data = (other / SHARD0).read_bytes()
+        m_other = _manifest(other)
+    (root / SHARD0).write_bytes(data)
+    m = _manifest(root)
+    for key in ("rows", "tokens", "positions", "bytes", "sha256"):
+        m["shards"][0][key] = m_other["shards"][0][key]
+    m["shards"][0]["sha256"] = hashlib.sha256(data).hexdigest()
+    for key in ("rows", "tokens", "positions", "bytes"):
+        m["totals"][key] = sum(s[key] for s in m["shards"])
+    _save(root, m)
+
+
 # name -> (generator, operation that must fail, error class, message regex)
 CASES: dict[str, tuple[Callable[[Path], None], str, type[Exception], str]] = {
     "truncated_shard": (truncated_shard, "read", ShardTruncatedError, r"shard-u000000000-p0000\.arrow.* bytes"),
@@ -185,6 +207,7 @@ CASES: dict[str, tuple[Callable[[Path], None], str, type[Exception], str]] = {
     "missing_shard": (missing_shard, "read", ShardCorruptError, r"listed in the manifest but missing"),
     "not_arrow": (not_arrow, "read", ShardCorruptError, r"not a readable Arrow IPC file"),
     "unfinished": (unfinished, "open", IncompleteCacheError, r"unfinished"),
+    "shard_from_another_cache": (shard_from_another_cache, "read", ShardCorruptError, r"'k': 4.*belongs to another"),
     "duplicate_sample_ids": (duplicate_sample_ids, "verify", DuplicateError, r"sample_id 'u0-r0'"),
 }
 
