@@ -518,7 +518,8 @@ def run_dump(cfg: DumpConfig, backend: Any = None) -> dict[str, Any]:
     try:
         t0 = time.perf_counter()
         with CacheWriter(out.path, identity, mode=out.mode, **writer_kwargs) as writer:
-            save_resolved_config(cfg, out.path)
+            # Saved without --overwrite: rerunning from this file must resume, never wipe the cache.
+            save_resolved_config(cfg.model_copy(update={"overwrite": False}), out.path)
             loop = _run_units(cfg, backend, writer, recipe.examples, tok, max_length, counts)
             t_fin = time.perf_counter()
             manifest = writer.finalize()  # waits for the last unit's encode+write: the only part not overlapped
