@@ -84,18 +84,17 @@ class LossSpec:
 # exactly 0 (e.g. k = V), the tail bucket of both sides (the student's tail there is rounding).
 
 
-def student_buckets(student_logp: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def student_buckets(lq_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """The student's log-probs on the cached buckets.
 
     Args:
-        student_logp: ``[N, V]`` float32 log-softmax of the student logits.
-        ids: ``[N, k]`` int64 cached token ids.
+        lq_ids: ``[N, k]`` float32 student log-probs gathered at the cached ids.
         valid: ``[N, k]`` bool, false for padding entries.
     Returns:
         ``lq [N, k + 1]``: log q at the ids (``LOG_FLOOR`` where invalid), then
         ``log(1 - sum q_ids)`` clamped below at ``TAIL_EPS``.
     """
-    lq_ids = student_logp.gather(1, ids).masked_fill(~valid, LOG_FLOOR)
+    lq_ids = lq_ids.masked_fill(~valid, LOG_FLOOR)
     # log1p(-exp(lse)) = log(1 - sum q_ids) without cancellation; the sum of k float32 terms
     # cannot resolve a tail below ~1e-6, so the lse is clamped there (also keeps log finite).
     lse = torch.logsumexp(lq_ids, dim=-1).clamp_max(math.log1p(-TAIL_EPS))
@@ -161,10 +160,10 @@ def sampled_kl(lp: torch.Tensor, lq: torch.Tensor, present: torch.Tensor) -> tor
     return forward_kl(lp, lq, present)
 
 
-def hard_ce(student_logp: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy with the next token: ``student_logp [N, V]``, ``labels [N]`` (-100 = none) → ``[N]``."""
-    has = labels >= 0
-    return -student_logp.gather(1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1) * has
+def hard_ce(lq_label: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy with the next token: ``lq_label [N]`` (student log-prob of the label), ``labels [N]``
+    (-100 = none, giving 0) → ``[N]``."""
+    return -lq_label * (labels >= 0)
 
 
 def class_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -187,17 +186,32 @@ def position_loss(
     labels: torch.Tensor,
     spec: LossSpec,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(1 - alpha) T^2 D(p_T || q_T) + alpha CE`` per position.
+    """:func:`sparse_position_loss` from the full student log-softmax ``student_logp [N, V]``."""
+    lq_label = student_logp.gather(1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return sparse_position_loss(student_logp.gather(1, ids), lq_label, t_logp, tail, valid, labels, spec)
+
+
+def sparse_position_loss(
+    lq_ids: torch.Tensor,
+    lq_label: torch.Tensor,
+    t_logp: torch.Tensor,
+    tail: torch.Tensor,
+    valid: torch.Tensor,
+    labels: torch.Tensor,
+    spec: LossSpec,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(1 - alpha) T^2 D(p_T || q_T) + alpha CE`` per position, from gathered student log-probs.
 
     Args:
-        student_logp: ``[N, V]`` float32 student log-softmax (temperature 1).
-        ids, t_logp, valid: ``[N, k]`` cached ids, teacher log-probs, entry mask.
+        lq_ids: ``[N, k]`` student log-softmax (temperature 1) at the cached ids.
+        lq_label: ``[N]`` student log-softmax at the label (any value where there is none).
+        t_logp, valid: ``[N, k]`` teacher log-probs, entry mask.
         tail: ``[N]`` teacher tail mass (0 for sampled caches).
         labels: ``[N]`` next token, -100 where there is none.
     Returns:
         ``loss [N]`` and the distillation part alone ``kd [N]`` (for logging).
     """
-    lq = student_buckets(student_logp, ids, valid)
+    lq = student_buckets(lq_ids, valid)
     lp, present = teacher_buckets(t_logp, tail, valid)
     if spec.sampled:
         kd = sampled_kl(lp, lq, present)
@@ -208,7 +222,7 @@ def position_loss(
         else:
             kd = {"fkl": forward_kl, "rkl": reverse_kl, "tvd": tvd}[spec.kind](lp, lq, present)
         kd = kd * spec.temperature**2
-    loss = kd if spec.alpha == 0 else (1 - spec.alpha) * kd + spec.alpha * hard_ce(student_logp, labels)
+    loss = kd if spec.alpha == 0 else (1 - spec.alpha) * kd + spec.alpha * hard_ce(lq_label, labels)
     return loss, kd
 
 
@@ -263,49 +277,82 @@ def full_kd_loss(
     return position_loss(logp, t.ids, t.logprobs, t.tail, t.valid, t.labels, spec)[0].sum()
 
 
+def _chunk_loss(
+    h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, t: KDTargets, spec: LossSpec, head: HeadSpec,
+    need_grad: bool, agreement: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Loss sum, kd sum, ``dL/dlogits [c, V]`` (None without grad) and top-1 agreement of one chunk.
+
+    Holds one ``[c, V]`` float32 buffer, reused in place: logits → log q → dL/dlogits. The
+    loss depends on log q only through the gathered ``lq_ids [c, k]`` and ``lq_label [c]``, so
+    with ``S = dL/dlog q`` (sparse: g at the ids and labels), ``dL/dz = S - softmax(z) * rowsum(S)``.
+    """
+    z = head_logits(h, w, b, head)  # [c, V]
+    agree = None
+    if agreement:
+        teacher_top = t.ids.gather(1, t.logprobs.argmax(-1, keepdim=True)).squeeze(-1)
+        agree = (z.argmax(-1) == teacher_top).sum().float()
+    deriv = None  # d logits / d raw logits, for scaled or soft-capped heads
+    if need_grad and head.softcap is not None:
+        deriv = (1 - (z / head.softcap) ** 2) * head.logit_scale
+    z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))  # log q, in place
+    label_idx = t.labels.clamp_min(0).unsqueeze(-1)
+    lq_ids = z.gather(1, t.ids).requires_grad_(need_grad)
+    lq_label = z.gather(1, label_idx).squeeze(-1).requires_grad_(need_grad)
+    with torch.enable_grad():
+        loss, kd = sparse_position_loss(lq_ids, lq_label, t.logprobs, t.tail, t.valid, t.labels, spec)
+        total = loss.sum()
+    if not need_grad:
+        return total.detach(), kd.detach().sum(), None, agree
+    g_ids, g_label = torch.autograd.grad(total, [lq_ids, lq_label], allow_unused=True, materialize_grads=True)
+    z.exp_().mul_(-(g_ids.sum(-1) + g_label).unsqueeze(-1))  # -softmax(z) * rowsum(S)
+    z.scatter_add_(1, t.ids, g_ids).scatter_add_(1, label_idx, g_label.unsqueeze(-1))
+    if deriv is not None:
+        z.mul_(deriv)
+    elif head.logit_scale != 1.0:
+        z.mul_(head.logit_scale)
+    return total.detach(), kd.detach().sum(), z, agree
+
+
 class _ChunkedKD(torch.autograd.Function):
     """Loss sum over chunks of positions; gradients computed per chunk inside forward (Liger style).
 
-    Only one chunk's ``[chunk, V]`` float32 logits (and their autograd intermediates) exist at
-    a time, in forward and in backward: backward only scales the stored ``[N, H]`` and
-    ``[V, H]`` gradients.
+    Only one chunk's ``[chunk, V]`` float32 buffer exists at a time, in forward and in backward:
+    backward only scales the stored ``[N, H]`` and ``[V, H]`` gradients.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, spec, head, chunk_size, stats):  # type: ignore[override]
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        need_grad = any(ctx.needs_input_grad[:3])
+        agreement = stats is not None and "top1_agree" in stats
         grad_h = torch.zeros_like(hidden) if need_grad else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if (need_grad and bias is not None) else None
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        kd_total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        agree = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        total = hidden.new_zeros((), dtype=torch.float32)
+        kd_total = hidden.new_zeros((), dtype=torch.float32)
+        agree = hidden.new_zeros((), dtype=torch.float32)
+        w32 = weight.detach().float()
+        b32 = None if bias is None else bias.detach().float()
         for start in range(0, hidden.shape[0], chunk_size):
             sl = slice(start, start + chunk_size)
-            with torch.enable_grad():
-                h = hidden[sl].detach().requires_grad_(need_grad)
-                w = weight.detach().requires_grad_(need_grad)
-                b = None if bias is None else bias.detach().requires_grad_(need_grad)
-                logits = head_logits(h, w, b, head)
-                logp = torch.log_softmax(logits, dim=-1)
-                loss, kd = position_loss(
-                    logp, targets.ids[sl], targets.logprobs[sl], targets.tail[sl], targets.valid[sl],
-                    targets.labels[sl], spec,
-                )
-                chunk_sum = loss.sum()
-                if need_grad:
-                    grads = torch.autograd.grad(chunk_sum, [h, w] + ([b] if b is not None else []))
-                    grad_h[sl] = grads[0]
-                    grad_w += grads[1]
-                    if b is not None:
-                        grad_b += grads[2]
-            total += chunk_sum.detach()
-            kd_total += kd.detach().sum()
-            teacher_top = targets.ids[sl].gather(1, targets.logprobs[sl].argmax(-1, keepdim=True)).squeeze(-1)
-            agree += (logits.detach().argmax(-1) == teacher_top).sum()
+            h = hidden[sl].detach().float()
+            t = KDTargets(ids=targets.ids[sl], logprobs=targets.logprobs[sl], tail=targets.tail[sl],
+                          valid=targets.valid[sl], labels=targets.labels[sl])
+            with torch.autocast(device_type=hidden.device.type, enabled=False):
+                loss, kd, dz, top1 = _chunk_loss(h, w32, b32, t, spec, head, need_grad, agreement)
+                if dz is not None:
+                    grad_h[sl] = (dz @ w32).to(hidden.dtype)
+                    grad_w.addmm_(dz.T, h)
+                    if grad_b is not None:
+                        grad_b += dz.sum(0)
+            total += loss
+            kd_total += kd
+            if top1 is not None:
+                agree += top1
         if stats is not None:
             stats["kd_sum"] = kd_total
-            stats["top1_agree"] = agree
+            if agreement:
+                stats["top1_agree"] = agree
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.weight_dtype = weight.dtype
         return total
@@ -336,8 +383,9 @@ def chunked_kd_loss(
         weight: ``[V, H]`` output head weight; ``bias``: ``[V]`` or None.
         targets: :class:`KDTargets` for the same ``N`` positions.
         chunk_size: positions per chunk; peak extra memory is a few ``[chunk_size, V]`` float32.
-        stats: if given, receives ``kd_sum`` (distillation part) and ``top1_agree`` (count of
-            positions where the student's argmax is the teacher's top id) as 0-d tensors.
+        stats: if given, receives ``kd_sum`` (distillation part, 0-d); if it already holds the key
+            ``top1_agree``, that is set to the count of positions where the student's argmax is the
+            teacher's top id (one more pass over the logits, so only asked for in evaluation).
     Returns:
         A 0-d float32 sum (divide by the global number of target positions once, outside).
     """

@@ -1,0 +1,272 @@
+"""Training-step cost of offline KD versus plain cross-entropy and online KD (CPU).
+
+Student: a fresh Llama with 4 layers, width 256 and the vocabulary of
+``benchmarks.common.wikitext_teacher()`` (BPE, ~20-32k). One batch of ``--batch-size`` rows
+of ``--seq-len`` tokens of wikitext-2, the same for every configuration:
+
+* (a) ``ce``: plain cross-entropy, the usual HF step (``model(input_ids, labels=...)``);
+* (b) ``kd_offline``: kdpipe's step (``pipeline.train.DistillModule``, forward KL, chunked
+  head) from a k=64 cache of the wikitext teacher;
+* (c) ``kd_online``: the teacher-in-memory alternative: a teacher about twice the student's
+  size (6 layers, width 384) runs forward in the same step and the loss is the full-vocabulary
+  KL between the two ``[B, T, V]`` logit tensors;
+* the loss alone on the same hidden states: chunked (kdpipe) vs full-vocabulary logits.
+
+Every step is forward + backward + AdamW update (the loss-alone rows: forward + backward).
+**Time**: median over all measured steps (one warm-up step excluded), as wall time and as
+process CPU time; workers use 1 torch thread by default so CPU time does not depend on what
+else runs on the machine. Configurations run interleaved, each round in a fresh process.
+**Peak memory**: each configuration runs in its own fresh subprocess. After the warm-up step
+(which allocates the AdamW state) the resident high-water mark is reset (Linux
+``/proc/self/clear_refs``), and after the measured steps ``VmHWM`` is read: ``peak_MB`` is the
+process's resident peak during the steps, ``step_peak_MB`` is that minus the resident size
+before them (activations, logits, gradients: what the step itself needs).
+
+    python -m benchmarks.train --quick            # ~3 min on 2 cores
+    python -m benchmarks.train --json train.json  # 3 rounds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.common import CACHE_DIR, print_table, wikitext_lines, wikitext_teacher
+
+CONFIGS = ["ce", "kd_offline", "kd_online", "loss_full", "loss_chunked"]
+STUDENT = {"hidden_size": 256, "num_layers": 4}
+ONLINE_TEACHER = {"hidden_size": 384, "num_layers": 6}  # ~2x the student's parameters
+K = 64
+
+
+def _status_mb(field: str) -> float:
+    """``VmRSS`` / ``VmHWM`` of this process from /proc (MiB)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def _reset_peak() -> bool:
+    """Reset the resident high-water mark (Linux >= 4.0: write 5 to /proc/self/clear_refs)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_mb() -> float:
+    try:
+        return _status_mb("VmHWM")
+    except (OSError, KeyError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def build_cache(batch_size: int, seq_len: int) -> Path:
+    """A k=64 cache of ``batch_size`` windows of wikitext-2 through the wikitext teacher (built once)."""
+    out = CACHE_DIR / f"train-bench-k{K}-b{batch_size}-t{seq_len}"
+    if (out / "manifest.json").is_file():
+        return out
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cache_format import CacheIdentity, CacheWriter, TopKBatch, TopKEncoding, tokenizer_fingerprint
+    from pipeline.toy import token_stream
+
+    teacher_dir = wikitext_teacher()
+    tok = AutoTokenizer.from_pretrained(str(teacher_dir))
+    teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir)).eval()
+    stream = token_stream(tok, wikitext_lines("test"))
+    rows = [stream[i * seq_len:(i + 1) * seq_len].astype(np.int32) for i in range(batch_size)]
+    ident = CacheIdentity(
+        teacher={"name": str(teacher_dir), "revision": "bench", "dtype": "float32", "backend": "hf",
+                 "backend_version": "bench"},
+        tokenizer={"name": str(teacher_dir), "vocab_size": len(tok), "model_vocab_size": teacher.config.vocab_size,
+                   "fingerprint": tokenizer_fingerprint(tok)},
+        recipe={"task": "lm", "template": None, "max_length": seq_len, "fields": {"text": "text"}},
+        dataset={"name": "wikitext-2", "config": None, "split": "test", "fingerprint": "bench", "num_rows": batch_size},
+        encoding=TopKEncoding(k=K),
+    )
+    with torch.no_grad():
+        logp = torch.log_softmax(teacher(torch.as_tensor(np.stack(rows)).long()).logits.double(), -1)[:, :-1]
+    vals, ids = logp.topk(K, -1)
+    with CacheWriter(out, ident, mode="overwrite") as w:
+        w.write(TopKBatch(sample_ids=[f"w{i}" for i in range(batch_size)], input_ids=rows,
+                          positions=[np.arange(seq_len - 1, dtype=np.int32)] * batch_size,
+                          ids=ids.reshape(-1, K).numpy().astype(np.int32),
+                          logprobs=vals.reshape(-1, K).numpy().astype(np.float32)))
+        w.end_unit(0)
+        w.finalize()
+    return out
+
+
+def worker(config: str, cache: Path, steps: int, chunk_size: int, threads: int) -> dict[str, Any]:
+    """Run one configuration in this (fresh) process; returns step times and memory."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from cache_format import open_cache
+    from pipeline.collate import collate_rows
+    from pipeline.losses import HeadSpec, KDTargets, LossSpec, chunked_kd_loss, full_kd_loss
+    from pipeline.toy import build_llama
+    from pipeline.train import DistillModule
+
+    reader = open_cache(str(cache))
+    batch = collate_rows(list(reader.iter_rows()), "topk", pad_id=0)
+    vocab = int(reader.manifest.identity.tokenizer["model_vocab_size"])
+    student = build_llama(vocab, max_position_embeddings=1024, seed=0, **STUDENT).train()
+    n_params = sum(p.numel() for p in student.parameters())
+    info: dict[str, Any] = {"config": config, "student_params_M": n_params / 1e6}
+    spec = LossSpec(kind="fkl")
+    step_fn: Any
+    if config.startswith("loss_"):
+        mask = batch["target_mask"]
+        with torch.no_grad():
+            hidden = student.model(input_ids=batch["input_ids"]).last_hidden_state[mask].detach()
+        targets = KDTargets(ids=batch["ids"][mask], logprobs=batch["logprobs"][mask], tail=batch["tail"][mask],
+                            valid=batch["valid"][mask], labels=batch["labels"][mask])
+        weight = student.lm_head.weight
+        h = hidden.requires_grad_(True)
+
+        def step_fn() -> None:
+            if config == "loss_full":
+                loss = full_kd_loss(h, weight, None, targets, spec)
+            else:
+                loss = chunked_kd_loss(h, weight, None, targets, spec, chunk_size=chunk_size)
+            loss.backward()
+            h.grad = None
+            weight.grad = None
+    else:
+        opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
+        if config == "ce":
+            def loss_fn() -> torch.Tensor:
+                labels = batch["input_ids"].clone()  # HF shifts labels inside
+                return student(input_ids=batch["input_ids"], labels=labels).loss
+        elif config == "kd_offline":
+            module = DistillModule(student, spec, HeadSpec(), chunk_size, False)
+
+            def loss_fn() -> torch.Tensor:
+                return module(batch)["loss_sum"] / batch["num_targets"].clamp_min(1)
+        else:
+            teacher = build_llama(vocab, max_position_embeddings=1024, seed=1, **ONLINE_TEACHER).eval()
+            info["teacher_params_M"] = sum(p.numel() for p in teacher.parameters()) / 1e6
+
+            def loss_fn() -> torch.Tensor:
+                with torch.no_grad():
+                    t_logp = torch.log_softmax(teacher(input_ids=batch["input_ids"]).logits[:, :-1].float(), -1)
+                s_logp = torch.log_softmax(student(input_ids=batch["input_ids"]).logits[:, :-1].float(), -1)
+                return torch.nn.functional.kl_div(s_logp, t_logp, log_target=True, reduction="sum") / t_logp.shape[:2].numel()
+
+        def step_fn() -> None:
+            loss = loss_fn()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    step_fn()  # warm-up: allocates the AdamW state and the allocator's pools, like any first step
+    before = _status_mb("VmRSS")
+    info["peak_reset"] = _reset_peak()
+    times, cpu_times = [], []
+    for _ in range(steps):
+        t0, c0 = time.perf_counter(), time.process_time()
+        step_fn()
+        times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
+    peak = _peak_mb()
+    info.update(step_times=times, step_cpu_times=cpu_times, rss_before_MB=before, peak_MB=peak,
+                step_peak_MB=peak - before)
+    return info
+
+
+def _run_worker(config: str, cache: Path, steps: int, chunk_size: int, threads: int) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
+        path = fh.name
+    cmd = [sys.executable, "-m", "benchmarks.train", "--worker", config, "--cache", str(cache),
+           "--steps", str(steps), "--chunk-size", str(chunk_size), "--threads", str(threads), "--json", path]
+    subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parents[1])
+    out = json.loads(Path(path).read_text())
+    os.unlink(path)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="1 round of 2 steps per configuration")
+    p.add_argument("--rounds", type=int, default=3, help="fresh-process rounds per configuration")
+    p.add_argument("--steps", type=int, default=3, help="measured steps per round (after 1 warm-up)")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--chunk-size", type=int, default=1024, help="kdpipe's --loss-chunk-size (its default)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per worker; 1 makes CPU time a load-independent measure on a shared box")
+    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.add_argument("--worker", choices=CONFIGS, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--cache", type=Path, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        result = worker(args.worker, args.cache, args.steps, args.chunk_size, args.threads)
+        args.json.write_text(json.dumps(result))
+        return
+    rounds, steps = (1, 2) if args.quick else (args.rounds, args.steps)
+    cache = build_cache(args.batch_size, args.seq_len)
+    runs: dict[str, list[dict[str, Any]]] = {c: [] for c in CONFIGS}
+    for r in range(rounds):
+        for c in CONFIGS:
+            print(f"round {r + 1}/{rounds}: {c}", file=sys.stderr, flush=True)
+            runs[c].append(_run_worker(c, cache, steps, args.chunk_size, args.threads))
+    rows = []
+    for c in CONFIGS:
+        times = [t for run in runs[c] for t in run["step_times"]]
+        cpu = [t for run in runs[c] for t in run["step_cpu_times"]]
+        rows.append({"config": c, "step_s": statistics.median(times), "step_cpu_s": statistics.median(cpu),
+                     "peak_MB": statistics.median(run["peak_MB"] for run in runs[c]),
+                     "step_peak_MB": statistics.median(run["step_peak_MB"] for run in runs[c]),
+                     "params_M": runs[c][0]["student_params_M"] + runs[c][0].get("teacher_params_M", 0.0)})
+    by = {r["config"]: r for r in rows}
+    for r in rows:
+        base = by["ce"] if not r["config"].startswith("loss_") else by["loss_full"]
+        r["time_vs_base"] = r["step_s"] / base["step_s"]
+        r["cpu_vs_base"] = r["step_cpu_s"] / base["step_cpu_s"]
+        r["peak_vs_base"] = r["peak_MB"] / base["peak_MB"]
+        r["step_peak_vs_base"] = r["step_peak_MB"] / max(base["step_peak_MB"], 1e-9)
+        r["baseline"] = base["config"]
+    ratios = {
+        "kd_offline/ce step time": by["kd_offline"]["step_s"] / by["ce"]["step_s"],
+        "kd_offline/ce step CPU time": by["kd_offline"]["step_cpu_s"] / by["ce"]["step_cpu_s"],
+        "kd_offline/ce peak memory": by["kd_offline"]["peak_MB"] / by["ce"]["peak_MB"],
+        "kd_offline/ce step peak memory": by["kd_offline"]["step_peak_MB"] / max(by["ce"]["step_peak_MB"], 1e-9),
+        "kd_online/kd_offline step time": by["kd_online"]["step_s"] / by["kd_offline"]["step_s"],
+        "kd_online/kd_offline step CPU time": by["kd_online"]["step_cpu_s"] / by["kd_offline"]["step_cpu_s"],
+        "kd_online/kd_offline peak memory": by["kd_online"]["peak_MB"] / by["kd_offline"]["peak_MB"],
+        "loss chunked/full time": by["loss_chunked"]["step_s"] / by["loss_full"]["step_s"],
+        "loss chunked/full CPU time": by["loss_chunked"]["step_cpu_s"] / by["loss_full"]["step_cpu_s"],
+        "loss chunked/full step peak memory": by["loss_chunked"]["step_peak_MB"] / max(by["loss_full"]["step_peak_MB"], 1e-9),
+    }
+    print(f"\nbatch {args.batch_size} x {args.seq_len} tokens, k={K}, vocab "
+          f"{int(json.loads((cache / 'manifest.json').read_text())['identity']['tokenizer']['model_vocab_size'])}, "
+          f"{rounds} round(s) x {steps} step(s), {args.threads} torch thread(s) per process\n")
+    print_table(rows, ["config", "baseline", "params_M", "step_s", "time_vs_base", "step_cpu_s", "cpu_vs_base",
+                       "peak_MB", "peak_vs_base",
+                       "step_peak_MB", "step_peak_vs_base"])
+    print()
+    print_table([{"ratio": k, "value": v, "target": "<= 1.10" if k.startswith("kd_offline/ce") else ""}
+                 for k, v in ratios.items()], ["ratio", "value", "target"])
+    if args.json:
+        args.json.write_text(json.dumps({"settings": vars(args) | {"json": str(args.json), "cache": str(cache)},
+                                         "rows": rows, "ratios": ratios, "runs": runs}, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
