@@ -15,7 +15,7 @@ from typing import Any
 
 from cache_format.errors import ManifestError, ManifestTooLargeError, UnsafePathError, UnsupportedVersionError
 from cache_format.identity import CacheIdentity
-from cache_format.shard import FORMAT_MAJOR, FORMAT_NAME, FORMAT_VERSION
+from cache_format.shard import FORMAT_MAJOR, FORMAT_NAME, FORMAT_VERSION, shard_encoding
 
 MANIFEST_NAME = "manifest.json"
 # Written at creation, removed by finalize(): marks an unfinished cache and holds its identity.
@@ -169,8 +169,10 @@ def validate_manifest(d: Any, source: str) -> Manifest:
     producer = _str(d, "producer", source)
     identity = CacheIdentity.from_dict(d.get("identity"), f"{source}: identity")
     enc = d.get("shard_encoding")
-    if not isinstance(enc, dict) or enc.get("kind") != identity.encoding.kind:
-        raise ManifestError(f"{source}: shard_encoding must be an object whose kind matches identity.encoding.kind")
+    expected = shard_encoding(identity)
+    if not isinstance(enc, dict) or any(enc.get(key) != value for key, value in expected.items()):
+        raise ManifestError(f"{source}: shard_encoding {enc!r} does not match the identity (expected {expected}); "
+                            "the manifest was edited or is corrupt")
     raw_shards = d.get("shards")
     if not isinstance(raw_shards, list):
         raise ManifestError(f"{source}: field 'shards' must be a list")

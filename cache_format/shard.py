@@ -16,7 +16,7 @@ import pyarrow as pa
 from cache_format import codec
 from cache_format.batches import DecodedRow, RowBlock, make_locator
 from cache_format.errors import EncodingError, ShardCorruptError, UnsupportedVersionError
-from cache_format.identity import CacheIdentity, ClassLogitsEncoding, SampledEncoding, TopKEncoding
+from cache_format.identity import CacheIdentity
 
 FORMAT_NAME = "kdpipe-logit-cache"
 FORMAT_VERSION = "1.0"
@@ -277,13 +277,3 @@ def decode_batch(batch: pa.RecordBatch, enc: dict[str, Any], shard: str, shard_i
                                    class_logits=logits[i], shard_index=shard_index, row_index=first_row + i))
     return rows
 
-
-def kind_of(identity: CacheIdentity) -> str:
-    enc = identity.encoding
-    if isinstance(enc, TopKEncoding):
-        return "topk"
-    if isinstance(enc, SampledEncoding):
-        return "sampled"
-    if isinstance(enc, ClassLogitsEncoding):
-        return "class_logits"
-    raise EncodingError(f"unknown encoding {enc!r}")
