@@ -96,3 +96,28 @@ def test_verify_checksums_on_open(tmp_path: Path) -> None:
     shard.write_bytes(bytes(data))
     with pytest.raises(ChecksumMismatchError, match=r"sha256"):
         list(open_cache(root, verify_checksums=True).iter_rows())
+
+
+def test_record_batches_bound_memory_and_random_access_crosses_them(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import pyarrow as pa
+
+    from cache_format import shard
+
+    monkeypatch.setattr(shard, "BATCH_MAX_ROWS", 2)
+    root = write_topk_cache(tmp_path / "c", units=1, rows_per_unit=5)
+    info = open_cache(root).shard_infos[0]
+    assert pa.ipc.open_file(str(root / info.name)).num_record_batches == 3
+    reader = open_cache(root)
+    batches = list(reader.iter_batches())
+    assert [len(b) for b in batches] == [2, 2, 1]
+    assert [reader.read_row(0, i).sample_id for i in (4, 0, 3)] == ["u0-r4", "u0-r0", "u0-r3"]
+
+
+def test_writer_refuses_remote_urls(tmp_path: Path) -> None:
+    from cache_helpers import identity
+
+    from cache_format import CacheError
+
+    with pytest.raises(CacheError, match=r"local directories only.*kdpipe cache copy"):
+        CacheWriter("s3://bucket/cache", identity())
