@@ -72,6 +72,16 @@ class CacheReader:
         self._open_file: Any = None
         self._open_enc: dict[str, Any] = {}
         self._open_starts: np.ndarray = np.zeros(1, np.int64)
+        self._open_pid = os.getpid()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable (spawned DataLoader workers): open shard handles are not carried over."""
+        state = dict(self.__dict__)
+        state.update(_open_index=None, _open_reader=None, _open_file=None, _open_pid=-1)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
 
     @property
     def identity(self) -> CacheIdentity:
@@ -151,6 +161,11 @@ class CacheReader:
 
     def _open(self, i: int) -> tuple[pa.ipc.RecordBatchFileReader, dict[str, Any]]:
         i = int(i)
+        if self._open_pid != os.getpid():
+            # Forked (e.g. a DataLoader worker): the inherited file shares its offset with the
+            # parent's, so forget it (without closing the parent's) and open our own.
+            self._open_index = self._open_reader = self._open_file = None
+            self._open_pid = os.getpid()
         if self._open_index == i and self._open_reader is not None:
             return self._open_reader, self._open_enc
         self.close()

@@ -121,3 +121,33 @@ def test_writer_refuses_remote_urls(tmp_path: Path) -> None:
 
     with pytest.raises(CacheError, match=r"local directories only.*kdpipe cache copy"):
         CacheWriter("s3://bucket/cache", identity())
+
+
+def test_reader_is_fork_safe_and_picklable(tmp_path: Path) -> None:
+    import multiprocessing as mp
+    import pickle
+
+    global _FORKED_READER
+    root = write_topk_cache(tmp_path / "c", units=2, rows_per_unit=3)
+    reader = open_cache(root)
+    reader.read_row(0, 0)  # the parent holds shard 0 open while forking
+    _FORKED_READER = reader
+    ctx = mp.get_context("fork")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_child_ids, args=(i, out)) for i in range(2)]
+    for p in procs:
+        p.start()
+    got = dict(out.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    assert [got[i] for i in range(2)] == [[r.sample_id for r in reader.iter_rows(shards=[i])] for i in range(2)]
+    clone = pickle.loads(pickle.dumps(reader))
+    assert [r.sample_id for r in clone.iter_rows()] == [r.sample_id for r in reader.iter_rows()]
+
+
+_FORKED_READER: object = None
+
+
+def _child_ids(shard: int, out: object) -> None:
+    rows = _FORKED_READER.iter_rows(shards=[shard])  # type: ignore[attr-defined]
+    out.put((shard, [r.sample_id for r in rows]))  # type: ignore[attr-defined]
