@@ -283,7 +283,7 @@ def _chunk_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Loss sum, kd sum, ``dL/dlogits [c, V]`` (None without grad) and top-1 agreement of one chunk.
 
-    Holds one ``[c, V]`` float32 buffer, reused in place: logits → log q → dL/dlogits. The
+    Holds one ``[c, V]`` float32 buffer, reused in place: logits → exp(logits - max) → dL/dlogits. The
     loss depends on log q only through the gathered ``lq_ids [c, k]`` and ``lq_label [c]``, so
     with ``S = dL/dlog q`` (sparse: g at the ids and labels), ``dL/dz = S - softmax(z) * rowsum(S)``.
     """
@@ -295,17 +295,22 @@ def _chunk_loss(
     deriv = None  # d logits / d raw logits, for scaled or soft-capped heads
     if need_grad and head.softcap is not None:
         deriv = (1 - (z / head.softcap) ** 2) * head.logit_scale
-    z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))  # log q, in place
     label_idx = t.labels.clamp_min(0).unsqueeze(-1)
-    lq_ids = z.gather(1, t.ids).requires_grad_(need_grad)
-    lq_label = z.gather(1, label_idx).squeeze(-1).requires_grad_(need_grad)
+    z_ids, z_label = z.gather(1, t.ids), z.gather(1, label_idx).squeeze(-1)
+    # softmax in place with the fewest passes over [c, V]: max, exp(z - max), sum
+    zmax = z.amax(dim=-1, keepdim=True)
+    z.sub_(zmax).exp_()
+    denom = z.sum(dim=-1, keepdim=True)
+    lse = zmax + denom.log()  # [c, 1]
+    lq_ids = (z_ids - lse).requires_grad_(need_grad)
+    lq_label = (z_label - lse.squeeze(-1)).requires_grad_(need_grad)
     with torch.enable_grad():
         loss, kd = sparse_position_loss(lq_ids, lq_label, t.logprobs, t.tail, t.valid, t.labels, spec)
         total = loss.sum()
     if not need_grad:
         return total.detach(), kd.detach().sum(), None, agree
     g_ids, g_label = torch.autograd.grad(total, [lq_ids, lq_label], allow_unused=True, materialize_grads=True)
-    z.exp_().mul_(-(g_ids.sum(-1) + g_label).unsqueeze(-1))  # -softmax(z) * rowsum(S)
+    z.mul_(-(g_ids.sum(-1) + g_label).unsqueeze(-1) / denom)  # -softmax(z) * rowsum(S)
     z.scatter_add_(1, t.ids, g_ids).scatter_add_(1, label_idx, g_label.unsqueeze(-1))
     if deriv is not None:
         z.mul_(deriv)
