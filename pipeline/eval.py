@@ -112,32 +112,39 @@ class EvalConfig(StrictModel):
 # --------------------------------------------------------------------------- entry point
 
 
-def run_eval(cfg: EvalConfig) -> dict[str, Any]:
-    """Evaluate ``cfg.model`` (or every ``cfg.compare`` entry) and return the result dict."""
+def run_eval(cfg: EvalConfig, engine: Any = None) -> dict[str, Any]:
+    """Evaluate ``cfg.model`` (or every ``cfg.compare`` entry) and return the result dict.
+
+    ``engine``: an already loaded vLLM backend (``pipeline.teachers.make_backend``) of
+    ``cfg.model`` for generation, reused instead of starting a new one.
+    """
     if cfg.compare:
         return run_compare(cfg)
-    result = evaluate_model(cfg)
+    result = evaluate_model(cfg, engine)
     _write_outputs(cfg, result, markdown=None)
     return result
 
 
-def evaluate_model(cfg: EvalConfig) -> dict[str, Any]:
+def evaluate_model(cfg: EvalConfig, engine: Any = None) -> dict[str, Any]:
     """Metrics of one model: ``{"model", "task", "params", "metrics", "agreement", ...}``."""
     assert cfg.model is not None  # guaranteed by EvalConfig's validator
     t0 = time.perf_counter()
     runtime = _setup_runtime(cfg)
-    model, tokenizer = _load_model(cfg.model, cfg.task, runtime, cfg.trust_remote_code)
+    if not cfg.dataset and not cfg.cache:
+        raise ConfigError("pass --dataset to score the model (or --cache to measure agreement with a teacher cache)")
+    model, tokenizer, params = _setup_model(cfg, runtime)
     result: dict[str, Any] = {
         "model": cfg.model,
         "task": cfg.task,
         "dataset": cfg.dataset,
         "split": cfg.split,
-        "params": metrics.count_parameters(model),
+        "params": params,
     }
     if cfg.dataset:
-        result.update(_task_metrics(cfg, model, tokenizer, runtime))
-    elif not cfg.cache:
-        raise ConfigError("pass --dataset to score the model (or --cache to measure agreement with a teacher cache)")
+        result.update(_task_metrics(cfg, model, tokenizer, runtime, engine))
+    if (cfg.teacher or cfg.cache) and model is None:
+        # Agreement needs the HF forward pass; loaded only now that the vLLM engine is gone.
+        model, tokenizer = _load_model(cfg.model, cfg.task, runtime, cfg.trust_remote_code)
     result["agreement"] = _agreement(cfg, model, tokenizer, runtime)
     result["eval_s"] = round(time.perf_counter() - t0, 2)
     return result
@@ -166,24 +173,61 @@ def _setup_runtime(cfg: EvalConfig) -> Runtime:
     return Runtime(device=device, dtype=getattr(torch, cfg.dtype))
 
 
-def _load_model(name: str, task: str, runtime: Runtime, trust_remote_code: bool) -> tuple[Any, Any]:
-    """The model (classifier head for classification, causal LM otherwise) and its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+def _setup_model(cfg: EvalConfig, runtime: Runtime) -> tuple[Any, Any, int]:
+    """(HF model or None, tokenizer, parameter count).
 
-    cls = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+    When vLLM generates, it holds the weights itself: an HF copy beside it would double the GPU
+    memory, so the parameters are counted on an empty (meta-device) model instead.
+    """
+    assert cfg.model is not None
+    if cfg.task in ("summarization", "reasoning") and _generation_backend(cfg, runtime) == "vllm":
+        tokenizer = _load_tokenizer(cfg.model, cfg.task, cfg.trust_remote_code)
+        return None, tokenizer, _count_params_without_weights(cfg.model, cfg.trust_remote_code)
+    model, tokenizer = _load_model(cfg.model, cfg.task, runtime, cfg.trust_remote_code)
+    return model, tokenizer, metrics.count_parameters(model)
+
+
+def _count_params_without_weights(name: str, trust_remote_code: bool) -> int:
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    with init_empty_weights():
+        empty = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return metrics.count_parameters(empty)
+
+
+def _load_tokenizer(name: str, task: str, trust_remote_code: bool) -> Any:
+    from transformers import AutoTokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelError(
+            f"cannot load the tokenizer of {name} ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+            "pass an HF model folder or hub name to --model/--teacher"
+        ) from None
+    if tokenizer.pad_token_id is None:
+        # Batching needs a pad id; EOS is never scored where it pads (the attention mask hides it).
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _load_model(name: str, task: str, runtime: Runtime, trust_remote_code: bool) -> tuple[Any, Any]:
+    """The model (classifier head for classification, causal LM otherwise) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    tokenizer = _load_tokenizer(name, task, trust_remote_code)
+    cls = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+    try:
         model = cls.from_pretrained(name, dtype=runtime.dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         kind = "a sequence classifier" if task == "classification" else "a causal LM"
         raise ModelError(
-            f"cannot load {kind} with its tokenizer from {name} ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+            f"cannot load {kind} from {name} ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
             "pass an HF model folder or hub name to --model/--teacher"
         ) from None
     model.to(runtime.device).eval()
-    if tokenizer.pad_token_id is None:
-        # Batching needs a pad id; EOS is never scored where it pads (the attention mask hides it).
-        tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
 
 
@@ -214,13 +258,15 @@ def _recipe(cfg: EvalConfig, *, max_length: int, teacher_generates: bool = False
 # --------------------------------------------------------------------------- task metrics
 
 
-def _task_metrics(cfg: EvalConfig, model: Any, tokenizer: Any, runtime: Runtime) -> dict[str, Any]:
+def _task_metrics(
+    cfg: EvalConfig, model: Any, tokenizer: Any, runtime: Runtime, engine: Any = None
+) -> dict[str, Any]:
     ds = _load_rows(cfg)
     if cfg.task == "lm":
         return _eval_lm(cfg, ds, model, tokenizer, runtime)
     if cfg.task == "classification":
         return _eval_classification(cfg, ds, model, tokenizer, runtime)
-    return _eval_generation(cfg, ds, model, tokenizer, runtime)
+    return _eval_generation(cfg, ds, model, tokenizer, runtime, engine)
 
 
 def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -284,7 +330,9 @@ def _eval_classification(cfg: EvalConfig, ds: Any, model: Any, tokenizer: Any, r
     return {"num_examples": len(labelled), "metrics": {"accuracy": acc}}
 
 
-def _eval_generation(cfg: EvalConfig, ds: Any, model: Any, tokenizer: Any, runtime: Runtime) -> dict[str, Any]:
+def _eval_generation(
+    cfg: EvalConfig, ds: Any, model: Any, tokenizer: Any, runtime: Runtime, engine: Any = None
+) -> dict[str, Any]:
     """Greedy generations from the task's prompts, scored against the dataset's responses."""
     from pipeline.recipes import build_examples
 
@@ -301,7 +349,7 @@ def _eval_generation(cfg: EvalConfig, ds: Any, model: Any, tokenizer: Any, runti
     refs = [str(references[e.sample_id] or "") for e in examples]
     backend = _generation_backend(cfg, runtime)
     if backend == "vllm":
-        outputs = _generate_vllm(cfg, prompts)
+        outputs = _generate_vllm(cfg, tokenizer, prompts, engine)
     else:
         outputs = _generate_hf(cfg, model, tokenizer, runtime, prompts)
     texts = [tokenizer.decode(o, skip_special_tokens=True).strip() for o in outputs]
@@ -342,20 +390,29 @@ def _generate_hf(
     return outputs
 
 
-def _generate_vllm(cfg: EvalConfig, prompts: list[list[int]]) -> list[list[int]]:
-    import os
+def _generate_vllm(cfg: EvalConfig, tokenizer: Any, prompts: list[list[int]], engine: Any = None) -> list[list[int]]:
+    """Greedy answers from the dump's vLLM teacher backend (one place configures vLLM).
 
-    # Set before vLLM is imported: in-process engine (no worker process to leak) and a small
-    # KV cache on CPU machines.
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    from vllm import LLM, SamplingParams
+    ``engine``: an already loaded ``pipeline.teachers`` vLLM backend of the same model to reuse
+    (vLLM start-up costs 10-40 s); otherwise one is loaded here and freed afterwards.
+    """
+    import numpy as np
 
-    llm = LLM(model=cfg.model, dtype=cfg.dtype, seed=cfg.seed, max_model_len=cfg.max_length,
-              enable_prefix_caching=False, trust_remote_code=cfg.trust_remote_code)
-    params = SamplingParams(temperature=0.0, max_tokens=cfg.max_new_tokens, detokenize=False)
-    results = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    return [list(r.outputs[0].token_ids) for r in results]
+    from pipeline.teachers import TeacherSettings, make_backend
+
+    own = engine is None
+    if own:
+        engine = make_backend(TeacherSettings(
+            model=cfg.model or "", backend="vllm", dtype=cfg.dtype, max_length=cfg.max_length, seed=cfg.seed,
+            trust_remote_code=cfg.trust_remote_code,
+        ))
+    try:
+        eos = tokenizer.eos_token_id
+        outs = engine.generate([np.asarray(p, dtype=np.int32) for p in prompts], cfg.max_new_tokens, eos)
+    finally:
+        if own:
+            engine.close()
+    return [[t for t in o.tolist() if t != eos] for o in outs]
 
 
 # --------------------------------------------------------------------------- agreement
