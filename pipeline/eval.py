@@ -469,20 +469,20 @@ def _agreement_with_cache(cfg: EvalConfig, model: Any, runtime: Runtime) -> dict
         for n, row in enumerate(reader.iter_rows()):
             if cfg.limit is not None and n >= cfg.limit:
                 break
-            ids = torch.as_tensor(np.asarray(row.input_ids), dtype=torch.long, device=runtime.device)[None]
+            ids = torch.tensor(np.asarray(row.input_ids), dtype=torch.long, device=runtime.device)[None]
             logits = model(input_ids=ids).logits[0]
             if row.class_logits is not None:
-                stats.add(metrics.agreement_dense(logits[None].float(), torch.as_tensor(row.class_logits)[None]))
+                stats.add(metrics.agreement_dense(logits[None].float(), torch.tensor(np.asarray(row.class_logits))[None]))
                 continue
             if vocab is not None and len(row.ids) and int(np.max(row.ids)) >= vocab:
                 raise ModelError(
                     f"cache {cfg.cache} row {row.sample_id} holds token id {int(np.max(row.ids))} but model "
                     f"{cfg.model} has {vocab} embeddings; evaluate a student with the teacher's tokenizer"
                 )
-            pos = torch.as_tensor(np.asarray(row.positions), dtype=torch.long, device=logits.device)
-            tail = None if row.tail is None else torch.as_tensor(np.asarray(row.tail))
+            pos = torch.tensor(np.asarray(row.positions), dtype=torch.long, device=logits.device)
+            tail = None if row.tail is None else torch.tensor(np.asarray(row.tail))
             stats.add(metrics.agreement_sparse(
-                logits[pos].cpu(), torch.as_tensor(np.asarray(row.ids)), torch.as_tensor(np.asarray(row.logprobs)), tail,
+                logits[pos].cpu(), torch.tensor(np.asarray(row.ids)), torch.tensor(np.asarray(row.logprobs)), tail,
             ))
     if stats.positions == 0:
         raise DatasetError(f"cache {cfg.cache} has no rows to compare with; check --cache and --limit")

@@ -35,6 +35,8 @@ BLEU_MAX_ORDER = 4
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 # Seed of the private bootstrap draw behind ROUGE's ``mid`` (evaluate uses numpy's global RNG).
 ROUGE_BOOTSTRAP_SEED = 0
+# Sampled caches pad each row's unique ids with log-prob -1e9 (cache_format.batches.DecodedRow).
+_PAD_LOGPROB = -1e8
 
 
 # --------------------------------------------------------------------------- classification
@@ -159,13 +161,13 @@ def agreement_sparse(
     KL is taken over the k+1 buckets the cache describes (the k stored tokens and "all
     others"), the same distribution the KD loss trains on; with ``tail=None`` it is
     1 - sum(exp(logprobs)). Top-1 agreement compares the student's argmax with the
-    teacher's most likely stored token (column 0, stored in descending order). Padding
-    columns (id < 0) are ignored.
+    teacher's most likely stored token. Padding columns are ignored: id < 0, or a log-prob
+    at or below -1e8 (how sampled caches pad rows to their largest unique count).
     """
     import torch
 
     s_logp = torch.log_softmax(student_logits.float(), dim=-1)  # [N, V]
-    valid = teacher_ids >= 0
+    valid = (teacher_ids >= 0) & (teacher_logprobs > _PAD_LOGPROB)
     ids = teacher_ids.clamp(min=0).long()
     t_lp = teacher_logprobs.float().masked_fill(~valid, -math.inf)
     t_p = t_lp.exp()
@@ -178,7 +180,8 @@ def agreement_sparse(
     kl_tail = torch.where(tail > 0, tail * (torch.log(tail.clamp(min=1e-30)) - torch.log(s_tail)),
                           torch.zeros_like(tail))
     kl = kl_k + kl_tail
-    agree = s_logp.argmax(dim=-1) == ids[:, 0]
+    teacher_top1 = ids.gather(-1, t_lp.argmax(dim=-1, keepdim=True))[:, 0]
+    agree = s_logp.argmax(dim=-1) == teacher_top1
     return AgreementStats(positions=int(kl.numel()), top1_agree=int(agree.sum()), kl_sum=float(kl.sum()))
 
 

@@ -190,3 +190,27 @@ def test_vllm_generation_matches_hf_greedy(vllm_teacher: object, tiny_lm_dir: Pa
     assert [s["prediction"] for s in vllm_out["samples"]] == [s["prediction"] for s in hf_out["samples"]]
     # Counted on an empty model while vLLM holds the weights: the same number.
     assert vllm_out["params"] == hf_out["params"]
+
+
+def test_agreement_with_a_cache_of_the_same_model(tiny_lm_dir: Path, tiny_classifier_dir: Path, data_dir: Path,
+                                                  tmp_path: Path) -> None:
+    """A model compared with its own cached distributions: full top-1 agreement, KL ~ 0 (codec error only)."""
+    from pipeline.dump import DumpConfig, run_dump
+
+    lm_cache = tmp_path / "lm-cache"
+    run_dump(DumpConfig(teacher=str(tiny_lm_dir), task="lm", dataset=str(data_dir / "lm.txt"), out=str(lm_cache),
+                        max_length=48, top_k=16, progress=False))
+    out = run_eval(_cfg(model=str(tiny_lm_dir), task="lm", cache=str(lm_cache), limit=3))
+    assert out["agreement"]["against"] == f"cache:{lm_cache}"
+    assert out["agreement"]["top1_agreement"] == 1.0
+    assert out["agreement"]["kl_to_teacher"] == pytest.approx(0.0, abs=2e-3)
+    assert out["agreement"]["agreement_positions"] == 3 * 47
+    assert "metrics" not in out  # no --dataset: agreement only
+
+    cls_cache = tmp_path / "cls-cache"
+    run_dump(DumpConfig(teacher=str(tiny_classifier_dir), task="classification", dataset=str(data_dir / "sst2.dev"),
+                        out=str(cls_cache), max_length=48, progress=False))
+    out = run_eval(_cfg(model=str(tiny_classifier_dir), task="classification", cache=str(cls_cache),
+                        dataset=str(data_dir / "sst2.dev")))
+    assert out["agreement"]["top1_agreement"] == 1.0 and out["agreement"]["agreement_positions"] == 10
+    assert out["agreement"]["kl_to_teacher"] == pytest.approx(0.0, abs=1e-4)

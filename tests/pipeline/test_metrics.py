@@ -159,3 +159,16 @@ def test_format_params() -> None:
     assert metrics.format_params(14_400_000) == "14.4M"
     assert metrics.format_params(1_500_000_000) == "1.5B"
     assert metrics.format_params(950) == "950"
+
+
+def test_agreement_sparse_ignores_sampled_padding_and_unsorted_ids() -> None:
+    # A sampled row: unique ids in any order, padded with (id 0, log-prob -1e9); no tail.
+    student = torch.tensor([[0.0, 3.0, 1.0, 0.0]])
+    ids = torch.tensor([[2, 1, 0]])
+    lp = torch.log(torch.tensor([[0.25, 0.75, 1.0]]))
+    lp[0, 2] = -1e9
+    out = metrics.agreement_sparse(student, ids, lp, torch.zeros(1))
+    assert out.top1_agree == 1  # the teacher's most likely is id 1 (column 1), the student's argmax too
+    s = torch.log_softmax(student, -1)[0]
+    want = 0.25 * (math.log(0.25) - float(s[2])) + 0.75 * (math.log(0.75) - float(s[1]))
+    assert out.kl_sum == pytest.approx(want, rel=1e-5)
