@@ -214,12 +214,24 @@ class Trainer:
         if exists and not (cfg.resume or cfg.overwrite):
             raise ConfigError(f"output folder {self.out} is not empty; pass --resume to continue its run, "
                               "--overwrite to replace it, or choose another --out")
+        self._check_optional_dependencies()
         if cfg.resume:
             self.resume_from = self._latest_checkpoint()
             if self.resume_from is None:
                 raise TrainingError(f"--resume: no complete checkpoint under {self.ckpt_dir}; "
                                     "start without --resume (add --overwrite if the folder is not empty)")
             self._check_resume_config()
+
+    def _check_optional_dependencies(self) -> None:
+        """Extras asked for by flags must be importable before anything is written."""
+        import importlib.util
+
+        needs = [(self.cfg.wandb, "wandb", "--wandb", "wandb"), (self.cfg.lora_r > 0, "peft", "--lora-r", "lora"),
+                 (self.cfg.optimizer == "adamw_8bit", "bitsandbytes", "--optimizer adamw_8bit", "gpu")]
+        for wanted, module, flag, extra in needs:
+            if wanted and importlib.util.find_spec(module) is None:
+                raise ConfigError(f"{flag} needs the {module} package, which is not installed: "
+                                  f"pip install 'kdpipe[{extra}]' (or drop {flag})")
 
     def _latest_checkpoint(self) -> Path | None:
         if not self.ckpt_dir.is_dir():
@@ -241,7 +253,12 @@ class Trainer:
 
     def _setup_accelerator(self) -> None:
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState
         from accelerate.utils import set_seed
+
+        # accelerate keeps its settings in a process-wide singleton; a second run_train in the same
+        # process (tests, notebooks) may ask for another precision. The process group (PartialState) stays.
+        AcceleratorState._reset_state(reset_partial_state=False)
 
         # Without any accelerator, accelerate only sets up torchrun's process group (gloo) in cpu mode.
         cpu = not torch.accelerator.is_available()
@@ -306,7 +323,9 @@ class Trainer:
         cfg = self.cfg
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else (self.tokenizer.eos_token_id or 0))
-        stream = CacheStream(self.reader if cfg.num_workers == 0 else cfg.cache, batch_size=cfg.batch_size,
+        # The stream and the evaluation open their own readers: a reader keeps one shard open and
+        # switching shards for one consumer would close the file the other is reading.
+        stream = CacheStream(cfg.cache, batch_size=cfg.batch_size,
                              pad_id=self.pad_id, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
                              rank=self.accelerator.process_index, world_size=self.world, eval_rows=cfg.eval_rows,
                              vocab_size=self.vocab_size, storage_options=cfg.storage_options)
@@ -420,8 +439,9 @@ class Trainer:
             return {}
         self.model.eval()
         kd = agree = count = 0.0
-        for batch in iter_eval_batches(self.reader, eval_rows=self.cfg.eval_rows, batch_size=self.cfg.batch_size,
-                                       pad_id=self.pad_id, vocab_size=self.vocab_size):
+        for batch in iter_eval_batches(self.cfg.cache, eval_rows=self.cfg.eval_rows, batch_size=self.cfg.batch_size,
+                                       pad_id=self.pad_id, vocab_size=self.vocab_size,
+                                       storage_options=self.cfg.storage_options):
             out = self.model(_batch_to(batch, self.accelerator.device))
             kd += float(out["kd_sum"])
             agree += float(out["top1_agree"])

@@ -245,3 +245,30 @@ def test_cli_yaml_plus_flags_and_one_line_errors(teacher_cache: Path, tiny_stude
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: output folder") and "--overwrite" in err[0]
     _untouched(occupied)
+
+
+def test_options_bf16_checkpointing_accumulation_epochs(teacher_cache: Path, tiny_student_dir: Path,
+                                                        tmp_path: Path) -> None:
+    """bf16 autocast, gradient checkpointing, accumulation, warmup, epochs and evaluation every step
+    (the evaluation reads the last shard while the stream is inside another one)."""
+    s = run_train(_cfg(teacher_cache, tiny_student_dir, tmp_path / "o", epochs=0.25, precision="bf16",
+                       gradient_checkpointing=True, grad_accum=2, warmup_steps=1, eval_every=1, save_every=100,
+                       lr_scheduler="linear", num_workers=1))
+    from cache_format import open_cache
+
+    train_rows = open_cache(str(teacher_cache)).manifest.num_rows - FAST["eval_rows"]
+    assert s["steps"] == math.ceil(0.25 * train_rows / (FAST["batch_size"] * 2))
+    assert math.isfinite(s["final_loss"]) and len(s["history"]) == s["steps"]
+
+
+@pytest.mark.parametrize(("overrides", "package"), [({"wandb": True}, "wandb"), ({"lora_r": 4}, "peft"),
+                                                    ({"optimizer": "adamw_8bit"}, "bitsandbytes")])
+def test_missing_optional_extras_are_named(teacher_cache: Path, tiny_student_dir: Path, occupied: Path,
+                                           overrides: dict, package: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(package) is not None:
+        pytest.skip(f"{package} is installed")
+    with pytest.raises(ConfigError, match=rf"needs the {package} package.*pip install 'kdpipe\["):
+        run_train(_cfg(teacher_cache, tiny_student_dir, occupied, max_steps=1, overwrite=True, **overrides))
+    _untouched(occupied)
