@@ -102,7 +102,7 @@ class TrainConfig(StrictModel):
 
 # Settings that may differ when resuming (they do not change what the first steps did).
 _RESUME_MAY_CHANGE = {"resume", "overwrite", "max_steps", "epochs", "eval_every", "save_every", "keep_checkpoints",
-                      "log_every", "tensorboard", "wandb", "wandb_mode", "wandb_project", "progress", "num_workers"}
+                      "log_every", "tensorboard", "wandb", "wandb_mode", "wandb_project", "progress"}
 
 
 class DistillModule(torch.nn.Module):
@@ -193,8 +193,8 @@ class Trainer:
         self._setup_cache()
         self._setup_student()
         self._setup_data()
+        self._setup_distributed_model()
         self._setup_optimizer()
-        self._setup_prepare()
         self._setup_resume_or_fresh_output()
         self._setup_logging()
         try:
@@ -333,10 +333,14 @@ class Trainer:
         rows_per_step = cfg.batch_size * cfg.grad_accum * self.world
         self.max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * stream.train_rows / rows_per_step))
 
+    def _setup_distributed_model(self) -> None:
+        """DDP/FSDP wrapping by accelerate; done before the optimizer exists, as FSDP requires."""
+        self.model = self.accelerator.prepare(self.module)
+
     def _setup_optimizer(self) -> None:
         from transformers import get_scheduler
 
-        params = [p for p in self.module.parameters() if p.requires_grad]
+        params = [p for p in self.model.parameters() if p.requires_grad]
         if self.cfg.optimizer == "adamw_8bit":
             try:
                 import bitsandbytes as bnb
@@ -348,11 +352,9 @@ class Trainer:
             self.optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         # Not passed through accelerator.prepare: its scheduler wrapper steps once per process,
         # which would make N ranks decay the LR N times faster than one.
+        self.optimizer = self.accelerator.prepare(self.optimizer)
         self.scheduler = get_scheduler(self.cfg.lr_scheduler, self.optimizer,
                                        num_warmup_steps=self.cfg.warmup_steps, num_training_steps=self.max_steps)
-
-    def _setup_prepare(self) -> None:
-        self.model, self.optimizer = self.accelerator.prepare(self.module, self.optimizer)
         for obj in (self.scheduler, self.loader, self.counters):
             self.accelerator.register_for_checkpointing(obj)
 
