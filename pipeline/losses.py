@@ -11,7 +11,9 @@ teacher's mass outside them (``tail``). The student is mapped onto the same buck
 ``log(1 - sum q_ids) = log1p(-exp(logsumexp(log q_ids)))``. Every divergence below is
 computed over these ``k + 1`` buckets, so with ``k = V`` it is the full-vocabulary
 divergence. Entries marked invalid (``valid`` false, e.g. padding of a ``sampled``
-position with fewer unique draws) are dropped from both sides.
+position with fewer unique draws) are dropped from both sides. The student's tail is
+clamped below at ``TAIL_EPS`` (float32 cannot resolve less); where the teacher's stored
+tail is exactly 0 (``k = V``, or a sampled cache) the tail bucket is dropped from both sides.
 
 **Temperature** ``T`` acts identically on both bucket distributions: each bucket's
 probability is raised to ``1/T`` and the ``k + 1`` buckets are renormalised
@@ -26,6 +28,12 @@ mass than tempering its tokens one by one would). Losses are multiplied by ``T**
 the forward KL (its value carries a plug-in entropy bias, constant for the student).
 Only forward KL (and CE) is supported there: reverse KL, JSD and TVD need the teacher's
 probability of tokens that were never drawn, and temperature needs the teacher's logits.
+
+**Chunking.** :func:`chunked_kd_loss` goes from the last hidden state at the target positions
+to the loss sum in chunks of positions. Each chunk's gradient with respect to its logits is
+formed analytically in the chunk's single ``[chunk, V]`` float32 buffer and immediately turned
+into gradients for the hidden states and the head weight, so no ``[N, V]`` tensor exists in
+forward or backward. Callers divide the sum once by the global count of target positions.
 """
 
 from __future__ import annotations
