@@ -26,11 +26,8 @@ def vllm_teacher(tiny_lm_dir: Path) -> Iterator[Any]:
 
 @pytest.fixture(scope="session")
 def hf_teacher(tiny_lm_dir: Path, tiny_tokenizer: Any) -> Any:
-    import torch
-
     from pipeline.teachers import TeacherSettings, make_backend
 
-    torch.set_num_threads(1)
     return make_backend(
         TeacherSettings(model=str(tiny_lm_dir), backend="hf", dtype="float32", device="cpu", batch_size=4,
                         extra={"pad_token_id": tiny_tokenizer.pad_token_id})

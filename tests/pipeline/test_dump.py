@@ -7,13 +7,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 
 from cache_format import merge_caches, open_cache, verify_cache
 from pipeline.dump import DumpConfig, my_units, run_dump, unit_slices
 from pipeline.errors import KdpipeError
-
-torch.set_num_threads(1)
 
 
 def _cfg(model: Path, data: Path, out: Path, **kw: Any) -> DumpConfig:
