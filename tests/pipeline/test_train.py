@@ -53,7 +53,7 @@ def test_kd_loss_decreases_and_outputs_are_complete(teacher_cache: Path, tiny_st
 @pytest.mark.parametrize("loss", ["rkl", "jsd", "tvd"])
 def test_every_loss_family_trains(teacher_cache: Path, tiny_student_dir: Path, tmp_path: Path, loss: str):
     s = run_train(_cfg(teacher_cache, tiny_student_dir, tmp_path / "r", max_steps=3, loss=loss, temperature=2.0,
-                       alpha=0.2, eval_rows=0))
+                       alpha=0.2, eval_rows=0, attn_implementation="eager"))
     assert math.isfinite(s["final_loss"])
 
 
@@ -175,6 +175,9 @@ def test_tokenizer_mismatch_is_refused(teacher_cache: Path, tiny_student_dir: Pa
     build_tokenizer(make_texts(seed=5, n=50, words="x y z w q".split()), vocab_size=300, out_dir=other)
     with pytest.raises(ModelError, match=r"tokenizer differs.*--allow-vocab-mismatch"):
         run_train(_cfg(teacher_cache, tiny_student_dir, occupied, tokenizer=str(other), max_steps=1, overwrite=True))
+    with pytest.raises(ModelError, match="cover the cache's vocabulary"):
+        run_train(_cfg(teacher_cache, tiny_student_dir, occupied, tokenizer=str(other), max_steps=1, overwrite=True,
+                       allow_vocab_mismatch=True))
     _untouched(occupied)
 
 
