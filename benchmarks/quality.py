@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import print_table
-from benchmarks.quality_data import QROOT, SEED, param_count
+from benchmarks.quality_data import QROOT, SEED, THREADS, param_count
 
 # --------------------------------------------------------------------------- experiment settings
 
@@ -66,8 +66,8 @@ CLS = {
 REASONING = {
     "student": {"hidden_size": 64, "num_layers": 2},
     "max_length": 384,
-    "train_rows": 840,
-    "steps": 100,
+    "train_rows": 440,  # 400 for 50 steps x 8 rows + the trainer's 32 held-out rows
+    "steps": 50,
     "batch_size": 8,
     "lr": 3e-3,
     "warmup_steps": 10,
@@ -88,7 +88,7 @@ def log(msg: str) -> None:
 def _set_threads() -> None:
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     torch.manual_seed(SEED)
 
 
@@ -401,24 +401,57 @@ def sampled_arms(task_dir: Path, base: dict[str, Any], topk: dict[int, dict[str,
     probe = dump(task_dir, "sampled32", {**base, "encoding": "sampled", "num_draws": 32}, fresh)
     out[32] = probe
     for k in sorted(topk)[:match]:
-        n = _draws_for_budget(topk[k]["bytes_per_token"], probe)
+        budget = topk[k]["bytes_per_token"]
+        if any(abs(c["bytes_per_token"] / budget - 1) <= 0.15 for c in out.values()):
+            continue  # an existing sampled cache is already within 15% of this budget
+        n = _draws_for_budget(budget, probe)
         if n in out:
             continue
         out[n] = dump(task_dir, f"sampled{n}", {**base, "encoding": "sampled", "num_draws": n}, fresh)
     return out
 
 
+def token_arms(tdir: Path, topk: dict[int, dict[str, Any]], sampled: dict[int, dict[str, Any]], init: Path,
+               tset: dict[str, Any], teacher: Any, evaluate: Any, want: Any, args: argparse.Namespace) -> None:
+    """The token-level arms (LM and reasoning) in a fixed order. Extra diagnostic arms
+    ``<arm>-alpha<A>`` (hard-label CE mixed in with weight A) run only when named in --arms."""
+    ref = topk[max(topk)]
+    plan: list[tuple[str, str, dict[str, Any] | None, Any, dict[str, Any]]] = [
+        ("ce", "student CE (no teacher)", None, None, {"alpha": 1.0}),
+        ("online", "student online KD (full distribution)", None, online_transform(teacher), {}),
+    ]
+    for k, c in topk.items():
+        plan.append((f"topk{k}", f"student top-{k} + tail", c, None, {"k": k}))
+        plan.append((f"topk{k}-renorm", f"student top-{k} renormalised (no tail)", c, renorm_transform, {"k": k}))
+    for n, c in sampled.items():
+        plan.append((f"sampled{n}", f"student sampled ({n} draws)", c, None, {"draws": n}))
+    extra = [a for a in (args.arms.split(",") if args.arms else []) if "-alpha" in a]
+    for name in extra:
+        base, alpha = name.rsplit("-alpha", 1)
+        for arm, label, c, tf, kw in list(plan):
+            if arm == base:
+                plan.append((name, f"{label}, alpha {alpha} (diagnostic)", c, tf, {**kw, "alpha": float(alpha)}))
+    for arm, label, c, tf, kw in plan:
+        if not want(arm):
+            continue
+        alpha = kw.pop("alpha", None)
+        settings = tset if alpha is None else {**tset, "alpha": alpha}
+        cache = Path((c or ref)["path"])
+        d, t = train(tdir, arm, cache, init, settings, transform=tf, fresh=args.fresh)
+        evaluate(label, d, c if arm != "ce" else None, t, arm=arm, alpha=settings.get("alpha", 0.0), **kw)
+
+
 def run_lm(args: argparse.Namespace) -> list[dict[str, Any]]:
     from transformers import AutoTokenizer
 
     from benchmarks.common import wikitext_lines
-    from benchmarks.quality_data import lm_teacher, write_jsonl
+    from benchmarks.quality_data import lm_task_dir, lm_teacher, write_jsonl
     from benchmarks.quality_eval import eval_lm, lm_eval_windows
 
     P = dict(LM)
     if args.steps:
         P["steps"] = args.steps
-    tdir = QROOT / "lm"
+    tdir = lm_task_dir()
     teacher_dir, tinfo = lm_teacher()
     tok = AutoTokenizer.from_pretrained(str(teacher_dir))
     data = write_jsonl(tdir / "data" / f"valid-first{P['cache_lines']}.jsonl",
@@ -428,7 +461,6 @@ def run_lm(args: argparse.Namespace) -> list[dict[str, Any]]:
     topk = topk_caches(tdir, base, P["ks"], args.fresh)
     sampled = sampled_arms(tdir, base, topk, args.draws or P["draws"], args.fresh)
     init = make_student_init(tdir, teacher_dir, P["student"])
-    ref = topk[max(topk)]
     tset = {"max_steps": P["steps"], "batch_size": P["batch_size"], "lr": P["lr"], "warmup_steps": P["warmup_steps"]}
     teacher = load_causal(teacher_dir)
     windows = lm_eval_windows(tok, P["eval_windows"])
@@ -455,25 +487,7 @@ def run_lm(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     if want("teacher"):
         evaluate("teacher", teacher_dir, None, None, teacher_info=tinfo)
-    if want("ce"):
-        d, t = train(tdir, "ce", Path(ref["path"]), init, {**tset, "alpha": 1.0}, fresh=args.fresh)
-        evaluate("student CE (no teacher)", d, None, t, arm="ce")
-    if want("online"):
-        d, t = train(tdir, "online", Path(ref["path"]), init, tset, transform=online_transform(teacher),
-                     fresh=args.fresh)
-        evaluate("student online KD (full distribution)", d, None, t, arm="online")
-    for k, c in topk.items():
-        if want(f"topk{k}"):
-            d, t = train(tdir, f"topk{k}", Path(c["path"]), init, tset, fresh=args.fresh)
-            evaluate(f"student top-{k} + tail", d, c, t, arm=f"topk{k}", k=k)
-        if want(f"topk{k}-renorm"):
-            d, t = train(tdir, f"topk{k}-renorm", Path(c["path"]), init, tset, transform=renorm_transform,
-                         fresh=args.fresh)
-            evaluate(f"student top-{k} renormalised (no tail)", d, c, t, arm=f"topk{k}-renorm", k=k)
-    for n, c in sampled.items():
-        if want(f"sampled{n}"):
-            d, t = train(tdir, f"sampled{n}", Path(c["path"]), init, tset, fresh=args.fresh)
-            evaluate(f"student sampled ({n} draws)", d, c, t, arm=f"sampled{n}", draws=n)
+    token_arms(tdir, topk, sampled, init, tset, teacher, evaluate, want, args)
     for r in results:
         r["student_params"] = student_params
     return results
@@ -483,13 +497,13 @@ def run_reasoning(args: argparse.Namespace) -> list[dict[str, Any]]:
     from transformers import AutoTokenizer
 
     from benchmarks.common import SHARED_DATA
-    from benchmarks.quality_data import gsm_teacher
+    from benchmarks.quality_data import gsm_task_dir, gsm_teacher
     from benchmarks.quality_eval import eval_reasoning
 
     P = dict(REASONING)
     if args.steps:
         P["steps"] = args.steps
-    tdir = QROOT / "reasoning"
+    tdir = gsm_task_dir()
     teacher_dir, tinfo = gsm_teacher()
     tok = AutoTokenizer.from_pretrained(str(teacher_dir))
     base = {"teacher": str(teacher_dir), "task": "reasoning", "dataset": str(SHARED_DATA / "gsm8k" / "train.jsonl"),
@@ -497,7 +511,6 @@ def run_reasoning(args: argparse.Namespace) -> list[dict[str, Any]]:
     topk = topk_caches(tdir, base, P["ks"], args.fresh)
     sampled = sampled_arms(tdir, base, topk, args.draws or P["draws"], args.fresh, match=1)
     init = make_student_init(tdir, teacher_dir, P["student"])
-    ref = topk[max(topk)]
     tset = {"max_steps": P["steps"], "batch_size": P["batch_size"], "lr": P["lr"], "warmup_steps": P["warmup_steps"]}
     teacher = load_causal(teacher_dir)
     student_params = param_count(load_causal(init))
@@ -525,25 +538,7 @@ def run_reasoning(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     if want("teacher"):
         evaluate("teacher", teacher_dir, None, None, teacher_info=tinfo)
-    if want("ce"):
-        d, t = train(tdir, "ce", Path(ref["path"]), init, {**tset, "alpha": 1.0}, fresh=args.fresh)
-        evaluate("student CE (no teacher)", d, None, t, arm="ce")
-    if want("online"):
-        d, t = train(tdir, "online", Path(ref["path"]), init, tset, transform=online_transform(teacher),
-                     fresh=args.fresh)
-        evaluate("student online KD (full distribution)", d, None, t, arm="online")
-    for k, c in topk.items():
-        if want(f"topk{k}"):
-            d, t = train(tdir, f"topk{k}", Path(c["path"]), init, tset, fresh=args.fresh)
-            evaluate(f"student top-{k} + tail", d, c, t, arm=f"topk{k}", k=k)
-        if want(f"topk{k}-renorm"):
-            d, t = train(tdir, f"topk{k}-renorm", Path(c["path"]), init, tset, transform=renorm_transform,
-                         fresh=args.fresh)
-            evaluate(f"student top-{k} renormalised (no tail)", d, c, t, arm=f"topk{k}-renorm", k=k)
-    for n, c in sampled.items():
-        if want(f"sampled{n}"):
-            d, t = train(tdir, f"sampled{n}", Path(c["path"]), init, tset, fresh=args.fresh)
-            evaluate(f"student sampled ({n} draws)", d, c, t, arm=f"sampled{n}", draws=n)
+    token_arms(tdir, topk, sampled, init, tset, teacher, evaluate, want, args)
     for r in results:
         r["student_params"] = student_params
     return results

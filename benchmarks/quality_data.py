@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -19,17 +20,20 @@ from benchmarks.common import CACHE_DIR, SHARED_DATA, wikitext_lines
 
 QROOT = CACHE_DIR / "quality"
 SEED = 0
+# One torch thread: on the shared, oversubscribed 2-core machine (load 8-11) two OpenMP threads
+# spin at every barrier and a student step measured 4-7 s with 2 threads vs 0.5-0.7 s with 1.
+THREADS = int(os.environ.get("KDPIPE_QUALITY_THREADS", "1"))
 
 # Sizes, chosen for 2 shared CPU cores (see docs/RESULTS.md, "Setup").
 LM_VOCAB = 2048
 LM_TEACHER = {"hidden_size": 128, "num_layers": 2}
-LM_TEACHER_TRAIN = {"steps": 100, "batch_size": 16, "seq_len": 128, "lr": 2e-3}
+LM_TEACHER_TRAIN = {"steps": 400, "batch_size": 16, "seq_len": 128, "lr": 2e-3}
 CLS_VOCAB = 2048
 CLS_TEACHER = {"hidden_size": 128, "num_layers": 2}
 CLS_TEACHER_TRAIN = {"epochs": 2, "batch_size": 32, "lr": 1e-3}
 GSM_VOCAB = 2048
 GSM_TEACHER = {"hidden_size": 128, "num_layers": 2}
-GSM_TEACHER_TRAIN = {"steps": 100, "batch_size": 8, "seq_len": 256, "lr": 2e-3}
+GSM_TEACHER_TRAIN = {"steps": 300, "batch_size": 8, "seq_len": 256, "lr": 2e-3}
 # The prompt/response format the GSM8K teacher is trained on; the reasoning dump recipe
 # must use the same template (passed to run_dump explicitly).
 GSM_PROMPT = "Question: {question}\nAnswer: "
@@ -38,7 +42,7 @@ GSM_PROMPT = "Question: {question}\nAnswer: "
 def _set_threads() -> None:
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
 
 
 def param_count(model: Any) -> int:
@@ -109,9 +113,18 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
 # --------------------------------------------------------------------------- LM teacher
 
 
+def lm_task_dir() -> Path:
+    """Teacher, caches and runs of the LM task, per teacher training length."""
+    return QROOT / "lm" / f"teacher-steps{LM_TEACHER_TRAIN['steps']}"
+
+
+def gsm_task_dir() -> Path:
+    return QROOT / "reasoning" / f"teacher-steps{GSM_TEACHER_TRAIN['steps']}"
+
+
 def lm_teacher() -> tuple[Path, dict[str, Any]]:
     """BPE (2k) + 2-layer width-128 Llama trained on wikitext-2 ``valid``."""
-    folder = QROOT / "lm" / "teacher"
+    folder = lm_task_dir() / "teacher"
     info = _done(folder)
     if info is not None:
         return folder, info
@@ -251,7 +264,7 @@ def gsm_text(row: dict[str, str]) -> tuple[str, str]:
 
 def gsm_teacher() -> tuple[Path, dict[str, Any]]:
     """BPE (2k) on GSM8K train + 2-layer width-128 Llama trained on its prompt+answer texts."""
-    folder = QROOT / "reasoning" / "teacher"
+    folder = gsm_task_dir() / "teacher"
     info = _done(folder)
     if info is not None:
         return folder, info
