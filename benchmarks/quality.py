@@ -414,7 +414,7 @@ def sampled_arms(task_dir: Path, base: dict[str, Any], topk: dict[int, dict[str,
 def token_arms(tdir: Path, topk: dict[int, dict[str, Any]], sampled: dict[int, dict[str, Any]], init: Path,
                tset: dict[str, Any], teacher: Any, evaluate: Any, want: Any, args: argparse.Namespace) -> None:
     """The token-level arms (LM and reasoning) in a fixed order. Extra diagnostic arms
-    ``<arm>-alpha<A>`` (hard-label CE mixed in with weight A) run only when named in --arms."""
+    ``<arm>-alpha<A>`` (hard-label CE mixed in with weight A) run only when named in --diagnostic."""
     ref = topk[max(topk)]
     plan: list[tuple[str, str, dict[str, Any] | None, Any, dict[str, Any]]] = [
         ("ce", "student CE (no teacher)", None, None, {"alpha": 1.0}),
@@ -425,14 +425,14 @@ def token_arms(tdir: Path, topk: dict[int, dict[str, Any]], sampled: dict[int, d
         plan.append((f"topk{k}-renorm", f"student top-{k} renormalised (no tail)", c, renorm_transform, {"k": k}))
     for n, c in sampled.items():
         plan.append((f"sampled{n}", f"student sampled ({n} draws)", c, None, {"draws": n}))
-    extra = [a for a in (args.arms.split(",") if args.arms else []) if "-alpha" in a]
+    extra = [a for a in (args.diagnostic.split(",") if args.diagnostic else []) if "-alpha" in a]
     for name in extra:
         base, alpha = name.rsplit("-alpha", 1)
         for arm, label, c, tf, kw in list(plan):
             if arm == base:
                 plan.append((name, f"{label}, alpha {alpha} (diagnostic)", c, tf, {**kw, "alpha": float(alpha)}))
     for arm, label, c, tf, kw in plan:
-        if not want(arm):
+        if not (want(arm) or arm in extra):
             continue
         alpha = kw.pop("alpha", None)
         settings = tset if alpha is None else {**tset, "alpha": alpha}
@@ -743,11 +743,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--plot", type=Path, help="write the plot (PNG) to this file")
     ap.add_argument("--arms", help="comma-separated subset of arms (default: all)")
     ap.add_argument("--steps", type=int, help="override the student's optimizer steps")
+    ap.add_argument("--diagnostic", help="extra arms such as topk8-alpha0.5 (hard-label CE mixed in), comma-separated")
     ap.add_argument("--draws", type=lambda s: [int(x) for x in s.split(",")],
                     help="sampled-cache draws (default: matched to the top-k caches' bytes per token)")
     ap.add_argument("--agree-windows", type=int, default=100, help="LM: test windows for teacher agreement")
     ap.add_argument("--fresh", action="store_true", help="redo dumps and trainings even if cached")
+    ap.add_argument("--teacher-steps", type=int,
+                    help="LM/reasoning: teacher training steps (default: quality_data's LM/GSM_TEACHER_TRAIN)")
     args = ap.parse_args(argv)
+    if args.teacher_steps:
+        import benchmarks.quality_data as qd
+
+        qd.LM_TEACHER_TRAIN["steps"] = qd.GSM_TEACHER_TRAIN["steps"] = args.teacher_steps
     _set_threads()
     t0 = time.perf_counter()
     results = {"lm": run_lm, "classification": run_classification, "reasoning": run_reasoning}[args.task](args)
