@@ -24,9 +24,17 @@ from cache_format import (
     tokenizer_fingerprint,
 )
 
-# Tiny models gain nothing from intra-op threads, and on a shared 2-core CI box the threads'
-# spin-waiting makes each small matmul 10x slower.
-torch.set_num_threads(1)
+
+def one_torch_thread() -> Any:
+    """Fixture body: 1 torch thread for the module, restored afterwards.
+
+    Tiny models gain nothing from intra-op threads, and on a shared 2-core CI box the threads'
+    spin-waiting makes each small matmul 10x slower.
+    """
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 def identity_for(tokenizer: Any, encoding: Any, vocab_size: int | None = None, task: str = "lm") -> CacheIdentity:

@@ -12,13 +12,15 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _train_helpers import write_random_cache
+from _train_helpers import one_torch_thread, write_random_cache
 
 from cache_format import open_cache
 from pipeline import stream as stream_mod
 from pipeline.collate import collate_rows
 from pipeline.errors import ConfigError, DatasetError
 from pipeline.stream import CacheStream, StreamLoader, iter_eval_batches
+
+one_thread = pytest.fixture(autouse=True, scope="module")(one_torch_thread)
 
 
 @pytest.fixture(scope="module")

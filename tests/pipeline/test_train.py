@@ -12,13 +12,21 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _train_helpers import build_trained_teacher, student_weights, write_random_cache, write_teacher_cache
+from _train_helpers import (
+    build_trained_teacher,
+    one_torch_thread,
+    student_weights,
+    write_random_cache,
+    write_teacher_cache,
+)
 
 from cache_format import CacheNotFoundError
 from pipeline.errors import ConfigError, ModelError
 from pipeline.train import TrainConfig, TrainingError, run_train
 
 FAST = {"progress": False, "tensorboard": False, "eval_rows": 8, "batch_size": 4}
+
+one_thread = pytest.fixture(autouse=True, scope="module")(one_torch_thread)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _train_helpers import student_weights, write_random_cache
+from _train_helpers import one_torch_thread, student_weights, write_random_cache
 
 from pipeline.train import TrainConfig, run_train
 
@@ -20,6 +20,8 @@ REPO = Path(__file__).resolve().parents[2]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 COMMON = {"max_steps": 3, "shuffle_buffer": 1, "eval_rows": 4, "eval_every": 3, "save_every": 3,
           "lr_scheduler": "constant", "lr": 5e-3, "progress": False, "tensorboard": False}
+
+one_thread = pytest.fixture(autouse=True, scope="module")(one_torch_thread)
 
 
 @pytest.mark.slow
