@@ -748,6 +748,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="sampled-cache draws (default: matched to the top-k caches' bytes per token)")
     ap.add_argument("--agree-windows", type=int, default=100, help="LM: test windows for teacher agreement")
     ap.add_argument("--fresh", action="store_true", help="redo dumps and trainings even if cached")
+    ap.add_argument("--from-json", type=Path, help="print the table, targets and plot of an earlier --json file")
     ap.add_argument("--teacher-steps", type=int,
                     help="LM/reasoning: teacher training steps (default: quality_data's LM/GSM_TEACHER_TRAIN)")
     args = ap.parse_args(argv)
@@ -757,7 +758,10 @@ def main(argv: list[str] | None = None) -> None:
         qd.LM_TEACHER_TRAIN["steps"] = qd.GSM_TEACHER_TRAIN["steps"] = args.teacher_steps
     _set_threads()
     t0 = time.perf_counter()
-    results = {"lm": run_lm, "classification": run_classification, "reasoning": run_reasoning}[args.task](args)
+    if args.from_json:
+        results = json.loads(args.from_json.read_text())
+    else:
+        results = {"lm": run_lm, "classification": run_classification, "reasoning": run_reasoning}[args.task](args)
     print(f"\n## {args.task} (wall {time.perf_counter() - t0:.0f}s)\n")
     table(args.task, results)
     checks = check_targets(results)
