@@ -12,6 +12,8 @@ from cache_format import merge_caches, open_cache, verify_cache
 from pipeline.dump import DumpConfig, my_units, run_dump, unit_slices
 from pipeline.errors import KdpipeError
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 
 def _cfg(model: Path, data: Path, out: Path, **kw: Any) -> DumpConfig:
     base: dict[str, Any] = {"teacher": str(model), "dataset": str(data), "out": str(out), "top_k": 8,

@@ -12,6 +12,8 @@ import yaml
 
 from pipeline.cli import main
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 
 def _run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
     try:

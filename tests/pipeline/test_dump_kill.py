@@ -16,6 +16,8 @@ from cache_format import verify_cache
 from cache_format.manifest import INCOMPLETE_MARKER, MANIFEST_NAME, PROGRESS_JOURNAL
 from pipeline.dump import DumpConfig, run_dump
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -33,9 +35,12 @@ def _journaled_units(out: Path) -> int:
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_equals_uninterrupted(tiny_lm_dir: Path, data_dir: Path, tmp_path: Path,
+def test_sigkill_then_resume_equals_uninterrupted(tiny_lm_dir: Path, tiny_texts: list[str], tmp_path: Path,
                                                   same_content: Any) -> None:
-    data = data_dir / "wiki.txt"
+    # ~120 units: after the kill point (3 units) the dump has seconds of work left, far more than
+    # any scheduling delay of this polling process on a loaded machine.
+    data = tmp_path / "text.txt"
+    data.write_text("\n".join(tiny_texts) + "\n")
     killed = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "dump-teacher", *_args(tiny_lm_dir, data, killed)],
