@@ -17,10 +17,11 @@ epochs never mix. Memory holds the buffer plus one batch, never the cache.
 is endless (epoch after epoch); the trainer stops after ``max_steps``.
 
 **Position.** :class:`StreamLoader` counts the batches handed to the trainer. Resuming
-replays the stream deterministically and skips that many batches, without collating them
-(the skipped rows are still decoded: the cost is the rows read since the start of the run's
-current epoch, at decode speed). The DataLoader returns worker ``i mod num_workers``'s batch
-as batch ``i``, so each worker knows how many of its own batches to skip.
+skips that many batches deterministically: whole epochs are skipped from the manifest's row
+counts, and the rows already consumed in the current epoch are decoded again (not collated)
+so the shuffle buffer is rebuilt exactly — at most one epoch of decoding. The DataLoader
+returns worker ``i mod num_workers``'s batch as batch ``i``, so each worker knows which
+part it plays and how many of its own batches to skip.
 
 **Held-out slice.** The first ``eval_rows`` rows of the last shard are kept out of training
 and served by :func:`iter_eval_batches`.
@@ -105,13 +106,32 @@ class CacheStream(IterableDataset):
         return shard == len(self.shard_rows) - 1 and row < self._held_out()
 
     def _consumer(self) -> tuple[int, int, int, int]:
+        """(consumer id, consumers, this worker's role, workers) for the current process.
+
+        A fresh DataLoader asks worker 0 for the first batch, but after ``skip_batches`` batches
+        the next one belongs to worker ``skip_batches mod workers``: worker ``w`` of a resumed
+        loader plays the role of worker ``(w + skip_batches) mod workers`` of the original run.
+        """
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        return self.rank * workers + worker, self.world_size * workers, worker, workers
+        role = (worker + self.skip_batches) % workers
+        return self.rank * workers + role, self.world_size * workers, role, workers
 
-    def _epoch_rows(self, reader: Any, epoch: int, consumer: int, n: int) -> Iterator[Any]:
+    def _shard_order(self, epoch: int) -> list[int]:
         order = list(range(len(self.shard_rows)))
         random.Random(f"{self.seed}-shards-{epoch}").shuffle(order)
+        return order
+
+    def _epoch_size(self, epoch: int, consumer: int, n: int) -> int:
+        """Rows this consumer reads in ``epoch``, from the manifest alone (no decoding)."""
+        order = self._shard_order(epoch)
+        if len(order) >= n:
+            last = len(self.shard_rows) - 1
+            return sum(self.shard_rows[s] - (self._held_out() if s == last else 0) for s in order[consumer::n])
+        return len(range(consumer, self.train_rows, n))
+
+    def _epoch_rows(self, reader: Any, epoch: int, consumer: int, n: int) -> Iterator[Any]:
+        order = self._shard_order(epoch)
         if len(order) >= n:
             for shard in order[consumer::n]:
                 for row in reader.iter_rows(shards=[shard]):
@@ -127,8 +147,7 @@ class CacheStream(IterableDataset):
                     yield row
                 i += 1
 
-    def _rows(self, reader: Any, consumer: int, n: int) -> Iterator[Any]:
-        epoch = 0
+    def _rows(self, reader: Any, consumer: int, n: int, epoch: int = 0) -> Iterator[Any]:
         while True:
             rng = random.Random(f"{self.seed}-buffer-{epoch}-{consumer}")
             buf: list[Any] = []
@@ -151,22 +170,27 @@ class CacheStream(IterableDataset):
             epoch += 1
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        consumer, n, worker, workers = self._consumer()
+        consumer, n, role, workers = self._consumer()
         if get_worker_info() is not None:
             torch.set_num_threads(1)  # loader workers decode; leave the cores to the training process
         reader = _open(self.cache, self.storage_options)
-        # batches this worker already delivered: batch i of the loader came from worker i mod workers
-        skip = len(range(worker, self.skip_batches, workers))
+        # Rows this worker already delivered (batch i of the loader came from worker i mod workers).
+        # Whole epochs are skipped from the manifest's row counts; only the rows of the current
+        # epoch are read again (decoded, not collated) to rebuild the shuffle buffer exactly.
+        skip = len(range(role, self.skip_batches, workers)) * self.batch_size
+        epoch = 0
+        while skip > 0 and 0 < self._epoch_size(epoch, consumer, n) <= skip:
+            skip -= self._epoch_size(epoch, consumer, n)
+            epoch += 1
         batch: list[Any] = []
-        for row in self._rows(reader, consumer, n):
-            batch.append(row)
-            if len(batch) < self.batch_size:
-                continue
+        for row in self._rows(reader, consumer, n, epoch):
             if skip > 0:
                 skip -= 1
-            else:
+                continue
+            batch.append(row)
+            if len(batch) == self.batch_size:
                 yield collate_rows(batch, self.kind, self.pad_id, self.vocab_size)
-            batch = []
+                batch = []
 
 
 class StreamLoader:

@@ -87,13 +87,22 @@ def test_resume_continues_exactly(five_shards: Path, workers: int) -> None:
         return StreamLoader(CacheStream(str(five_shards), batch_size=2, pad_id=0, seed=3, shuffle_buffer=5,
                                         rank=1, world_size=2), num_workers=workers)
 
-    straight = _take(make(), 9)
-    first = make()
-    _take(first, 4)
-    state = first.state_dict()
-    resumed = make()
-    resumed.load_state_dict(state)
-    assert _take(resumed, 5) == straight[4:]
+    straight = _take(make(), 20)  # ~12 rows per epoch for this rank: crosses two epoch ends
+    for stop in (4, 9, 13):
+        first = make()
+        _take(first, stop)
+        resumed = make()
+        resumed.load_state_dict(first.state_dict())
+        assert _take(resumed, 20 - stop) == straight[stop:]
+
+
+def test_epoch_sizes_from_the_manifest_match_the_rows_read(five_shards: Path) -> None:
+    reader = open_cache(str(five_shards))
+    for world in (1, 2, 3, 7):
+        s = CacheStream(reader, batch_size=1, pad_id=0, world_size=world, eval_rows=2)
+        for c in range(world):
+            for epoch in (0, 1, 2):
+                assert s._epoch_size(epoch, c, world) == sum(1 for _ in s._epoch_rows(reader, epoch, c, world))
 
 
 def test_resume_with_changed_settings_is_refused(five_shards: Path) -> None:
