@@ -180,7 +180,7 @@ def cache_stats(path: Path) -> dict[str, Any]:
         "positions": positions,
         "tokens": sum(s.tokens for s in shards),
         "rows": sum(s.rows for s in shards),
-        "bytes_per_token": nbytes / max(positions, 1),
+        "bytes_per_token": nbytes / max(positions or sum(s.tokens for s in shards), 1),
         "encoding": {"kind": enc.kind, **dataclasses.asdict(enc)},
     }
 
@@ -359,7 +359,11 @@ def _result(task: str, method: str, metric: str, metrics: dict[str, Any], *, par
     r: dict[str, Any] = {"task": task, "method": method, "metric": metric, "value": metrics[metric],
                          "metrics": metrics, "params": params}
     if cache is not None:
-        r.update(bytes_per_token=cache["bytes_per_token"], dump_s=cache["dump_s"], cache=cache["name"],
+        # class_logits caches have no target positions: bytes per input token (and per example).
+        per = cache["positions"] or cache["tokens"]
+        if not cache["positions"]:
+            r["bytes_per_example"] = cache["cache_bytes"] / max(cache["rows"], 1)
+        r.update(bytes_per_token=cache["cache_bytes"] / max(per, 1), dump_s=cache["dump_s"], cache=cache["name"],
                  cache_bytes=cache["cache_bytes"], cache_positions=cache["positions"])
     if train is not None:
         r.update(train_step_s=train["train_step_s"], steps=train["steps"], final_train_loss=train["final_loss"],
@@ -623,7 +627,7 @@ MAIN_COLUMNS = {
     "reasoning": ["method", "answer_perplexity", "answer_acc@1", "exact_match", "top1_agreement", "kl_to_teacher",
                   "bytes_per_token", "dump_s", "train_step_s", "params"],
     "classification": ["method", "accuracy", "dev_accuracy", "top1_agreement", "kl_to_teacher", "bytes_per_token",
-                       "dump_s", "train_step_s", "params"],
+                       "bytes_per_example", "dump_s", "train_step_s", "params"],
 }
 
 
@@ -708,7 +712,11 @@ def plot(task: str, results: list[dict[str, Any]], path: Path) -> None:
     ax.invert_yaxis()
     ax.set_xlabel(metric)
     lo = min(vals)
-    ax.set_xlim(lo * 0.9 if metric != "accuracy" else max(0.0, lo - 0.05), max(vals) * 1.02)
+    if "perplexity" in metric:
+        ax.set_xscale("log")
+        ax.set_xlim(lo * 0.8, max(vals) * 1.2)
+    else:
+        ax.set_xlim(max(0.0, lo - 0.05), min(1.0, max(vals) + 0.02))
     ax.set_title(f"{task}: {metric} (test)")
     if task != "classification":
         ax = axes[1]
@@ -726,6 +734,8 @@ def plot(task: str, results: list[dict[str, Any]], path: Path) -> None:
             if arm in by:
                 ax.axhline(by[arm]["value"], linestyle=style, color="k", label=label)
         ax.set_xscale("log")
+        if "perplexity" in metric:
+            ax.set_yscale("log")
         ax.set_xlabel("cache bytes per token (log)")
         ax.set_ylabel(metric)
         ax.legend(fontsize=8)
