@@ -55,7 +55,7 @@ def wikitext_teacher(
     model.save_pretrained(str(out))
     tok.save_pretrained(str(out))
     (out / "done.json").write_text(json.dumps({
-        "vocab_size": len(tok), "train_tokens": int(len(stream)), "steps": steps,
+        "vocab_size": len(tok), "train_tokens": len(stream), "steps": steps,
         "first_loss": losses[0], "final_loss": losses[-1], "train_s": time.perf_counter() - t0,
     }, indent=2))
     return out
