@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,8 +17,11 @@ from cache_helpers import write_topk_cache
 
 from cache_format import CacheExistsError, CacheNotFoundError, copy_cache, open_cache, verify_cache
 
-pytest.importorskip("moto.server")
-pytest.importorskip("s3fs")
+# moto is never imported into the test process: its Flask app leaves werkzeug context-local
+# proxies in sys.modules, and vLLM's start-up (later in the same session) trips over them with
+# "Working outside of application context". The server runs in its own process instead.
+if importlib.util.find_spec("moto") is None or importlib.util.find_spec("s3fs") is None:
+    pytest.skip("moto[server] and s3fs are needed (the dev extra)", allow_module_level=True)
 
 
 def _free_port() -> int:
@@ -22,24 +30,43 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"moto server exited with code {proc.returncode} before listening")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"moto server did not listen on 127.0.0.1:{port} within {timeout_s:.0f} s")
+
+
 @pytest.fixture(scope="module")
 def s3(monkeypatch_module: pytest.MonkeyPatch) -> Iterator[dict[str, object]]:
-    from moto.server import ThreadedMotoServer
-
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_SESSION_TOKEN": "testing"}.items():
+    fake_credentials = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_SESSION_TOKEN": "testing"}
+    for key, value in fake_credentials.items():
         monkeypatch_module.setenv(key, value)
     port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    import boto3
-
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="caches")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **fake_credentials},
+    )
     try:
+        _wait_for_port(port, proc)
+        endpoint = f"http://127.0.0.1:{port}"
+        import boto3
+
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="caches")
         yield {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
     finally:
-        server.stop()
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.fixture(scope="module")
