@@ -138,3 +138,25 @@ def test_two_workers_and_merge_equal_one_worker(tiny_lm_dir: Path, data_dir: Pat
     merge_caches(str(merged), parts)
     assert verify_cache(str(merged))["ok"]
     same_content(one, merged)
+
+
+def test_resume_with_other_weights_under_the_same_path_is_refused(
+    tiny_lm_dir: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from pipeline.toy import build_llama
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_lm_dir, teacher)
+    out = tmp_path / "c"
+    first = run_dump(_cfg(teacher, data_dir / "wiki.txt", out, limit=4))
+    revision = open_cache(str(out)).manifest.identity.teacher["revision"]
+    assert revision.startswith("sha256:") and first["rows"] > 0
+    # Same folder, retrained (here: re-initialised) weights: the cache no longer describes it.
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(teacher))
+    build_llama(len(tok), tokenizer=tok, out_dir=teacher, seed=123)
+    with pytest.raises(KdpipeError, match=r"teacher\.revision"):
+        run_dump(_cfg(teacher, data_dir / "wiki.txt", out, limit=4))
