@@ -724,13 +724,18 @@ def plot(task: str, results: list[dict[str, Any]], path: Path) -> None:
         by = {r.get("arm"): r for r in results}
         for prefix, label, marker in (("topk", "top-k + tail", "o"), ("renorm", "top-k renormalised", "s"),
                                       ("sampled", "sampled", "^")):
-            pts = [(r["bytes_per_token"], r["value"]) for r in results if "bytes_per_token" in r and (
+            pts = [(r["bytes_per_token"], r["value"]) for r in results if "bytes_per_token" in r
+                   and "-alpha" not in r["arm"] and (
                 (prefix == "topk" and r["arm"].startswith("topk") and not r["arm"].endswith("renorm")) or
                 (prefix == "renorm" and r["arm"].endswith("renorm")) or
                 (prefix == "sampled" and r["arm"].startswith("sampled")))]
             if pts:
                 pts.sort()
                 ax.plot(*zip(*pts, strict=True), marker=marker, label=label)
+        diag = [(r["bytes_per_token"], r["value"]) for r in results if "-alpha" in r.get("arm", "")
+                and "bytes_per_token" in r]
+        if diag:
+            ax.scatter(*zip(*diag, strict=True), marker="x", color="k", label="top-k + tail + CE (diagnostic)")
         for arm, label, style in (("online", "online KD (full distribution)", "--"), ("ce", "CE only", ":")):
             if arm in by:
                 ax.axhline(by[arm]["value"], linestyle=style, color="k", label=label)
