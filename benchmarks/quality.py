@@ -281,24 +281,6 @@ def train(task_dir: Path, arm: str, cache: Path, student_init: Path, settings: d
     return out, info
 
 
-def renorm_transform(batch: dict[str, Any]) -> dict[str, Any]:
-    """WORKAROUND (labelled in docs/RESULTS.md): renormalised top-k, what peers do.
-
-    kdpipe's trainer always uses the tail bucket a ``topk`` cache stores and has no switch to
-    drop it. This renormalises the stored top-k log-probs to sum to one and sets the tail to
-    0; ``pipeline.losses`` then drops the tail bucket on both sides, i.e. the loss is the
-    cross-entropy of the student's full-vocabulary log-softmax at the k ids against the
-    renormalised teacher top-k (plus a constant). Same cache, same rows, same order.
-    """
-    import torch
-
-    lp, valid = batch["logprobs"], batch["valid"]
-    lse = torch.logsumexp(lp.masked_fill(~valid, -math.inf), dim=-1, keepdim=True)
-    batch["logprobs"] = torch.where(valid, lp - lse, torch.full_like(lp, -math.inf))
-    batch["tail"] = torch.zeros_like(batch["tail"])
-    return batch
-
-
 def online_transform(teacher: Any) -> Any:
     """Online KD: the teacher runs on each batch and its full-vocabulary log-softmax replaces the
     cached targets (k = V, tail 0), so ``pipeline.losses`` computes the exact full KL. Only the
@@ -426,7 +408,8 @@ def token_arms(tdir: Path, topk: dict[int, dict[str, Any]], sampled: dict[int, d
     ]
     for k, c in topk.items():
         plan.append((f"topk{k}", f"student top-{k} + tail", c, None, {"k": k}))
-        plan.append((f"topk{k}-renorm", f"student top-{k} renormalised (no tail)", c, renorm_transform, {"k": k}))
+        plan.append((f"topk{k}-renorm", f"student top-{k} renormalised (no tail)", c, None,
+                     {"k": k, "tail_bucket": False}))
     for n, c in sampled.items():
         plan.append((f"sampled{n}", f"student sampled ({n} draws)", c, None, {"draws": n}))
     extra = [a for a in (args.diagnostic.split(",") if args.diagnostic else []) if "-alpha" in a]
@@ -440,6 +423,8 @@ def token_arms(tdir: Path, topk: dict[int, dict[str, Any]], sampled: dict[int, d
             continue
         alpha = kw.pop("alpha", None)
         settings = tset if alpha is None else {**tset, "alpha": alpha}
+        if "tail_bucket" in kw:  # renormalised top-k: the trainer's --no-tail-bucket
+            settings = {**settings, "tail_bucket": kw.pop("tail_bucket")}
         cache = Path((c or ref)["path"])
         d, t = train(tdir, arm, cache, init, settings, transform=tf, fresh=args.fresh)
         evaluate(label, d, c if arm != "ce" else None, t, arm=arm, alpha=settings.get("alpha", 0.0), **kw)

@@ -26,6 +26,7 @@ HELP: dict[str, str] = {
     "loss": "Divergence: fkl (forward KL), rkl (reverse KL), jsd, tvd.",
     "temperature": "Distillation temperature T (bucket tempering, loss scaled by T^2).",
     "alpha": "Weight of hard-label cross-entropy; loss = (1-alpha) KD + alpha CE.",
+    "tail_bucket": "Use the cached tail mass as a (k+1)-th bucket; --no-tail-bucket renormalises the top-k instead.",
     "jsd_beta": "JSD mixture weight beta.",
     "loss_chunk_size": "Target positions per chunk of the student log-softmax.",
     "max_steps": "Optimizer steps (or use --epochs).",

@@ -64,6 +64,7 @@ class LossSpec:
     alpha: float = 0.0  # weight of hard-label CE; 0 = pure distillation (the cache carries the signal)
     beta: float = 0.5  # JSD mixture weight; 0.5 = the symmetric Jensen-Shannon divergence
     sampled: bool = False  # cache kind `sampled`: counts, no tail
+    tail_bucket: bool = True  # False: renormalise the stored top-k and ignore the tail (what peers do)
 
     def validate(self) -> None:
         if self.kind not in LOSS_KINDS:
@@ -199,6 +200,17 @@ def position_loss(
     return sparse_position_loss(student_logp.gather(1, ids), lq_label, t_logp, tail, valid, labels, spec)
 
 
+def renormalised_topk(t_logp: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Teacher log-probs ``[N, k]`` renormalised over the valid stored ids (``--no-tail-bucket``).
+
+    With the tail then 0, the tail bucket is dropped from both sides and the loss compares the
+    student's full-vocabulary log-probs at the k ids with the renormalised teacher top-k.
+    """
+    masked = t_logp.float().masked_fill(~valid, float("-inf"))
+    lse = torch.logsumexp(masked, dim=-1, keepdim=True).clamp_min(-1e30)  # all-invalid rows stay finite
+    return torch.where(valid, t_logp.float() - lse, t_logp.float())
+
+
 def sparse_position_loss(
     lq_ids: torch.Tensor,
     lq_label: torch.Tensor,
@@ -219,6 +231,8 @@ def sparse_position_loss(
     Returns:
         ``loss [N]`` and the distillation part alone ``kd [N]`` (for logging).
     """
+    if not spec.tail_bucket and not spec.sampled:
+        t_logp, tail = renormalised_topk(t_logp, valid), torch.zeros_like(tail)
     lq = student_buckets(lq_ids, valid)
     lp, present = teacher_buckets(t_logp, tail, valid)
     if spec.sampled:

@@ -209,7 +209,8 @@ class Trainer:
         if self.manifest.num_rows == 0:
             raise TrainingError(f"cache {self.cfg.cache} is empty (0 rows); dump data into it first")
         self.spec = LossSpec(kind=self.cfg.loss, temperature=self.cfg.temperature, alpha=self.cfg.alpha,
-                             beta=self.cfg.jsd_beta, sampled=self.kind == "sampled")
+                             beta=self.cfg.jsd_beta, sampled=self.kind == "sampled",
+                             tail_bucket=self.cfg.tail_bucket)
         self.spec.validate()
 
     def _setup_student(self) -> None:

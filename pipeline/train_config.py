@@ -27,6 +27,7 @@ class TrainConfig(StrictModel):
     loss: Literal["fkl", "rkl", "jsd", "tvd"] = "fkl"  # forward KL: classic KD, valid for every cache kind
     temperature: float = Field(default=1.0, gt=0)  # 1 = distill the cached distribution as is
     alpha: float = Field(default=0.0, ge=0, le=1)  # hard-label CE weight; 0 = pure KD (the cache is the signal)
+    tail_bucket: bool = True  # the stored tail mass is a (k+1)-th bucket; False = renormalised top-k
     jsd_beta: float = Field(default=0.5, gt=0, lt=1)  # 0.5 = the symmetric Jensen-Shannon divergence
     loss_chunk_size: int = Field(default=1024, ge=1)  # positions per chunk: ~3 x chunk x V float32 at peak
 

@@ -265,3 +265,43 @@ def test_class_kl() -> None:
 def test_bad_loss_settings_are_refused(spec: LossSpec, flag: str) -> None:
     with pytest.raises(ConfigError, match=flag):
         spec.validate()
+
+
+@pytest.mark.parametrize("kind", LOSS_KINDS)
+def test_no_tail_bucket_is_the_renormalised_top_k(kind: str) -> None:
+    """``tail_bucket=False`` == the same loss on targets renormalised over the ids with tail 0."""
+    torch.manual_seed(5)
+    logits_t, logits_s = torch.randn(7, 40) * 2, torch.randn(7, 40)
+    tg = topk_targets(logits_t, k=6)
+    lq = torch.log_softmax(logits_s, -1)
+    renorm = tg.logprobs - torch.logsumexp(tg.logprobs, -1, keepdim=True)
+    want = position_loss(lq, tg.ids, renorm, torch.zeros_like(tg.tail), tg.valid, tg.labels,
+                         LossSpec(kind=kind, temperature=1.5))[0]
+    got = position_loss(lq, tg.ids, tg.logprobs, tg.tail, tg.valid, tg.labels,
+                        LossSpec(kind=kind, temperature=1.5, tail_bucket=False))[0]
+    torch.testing.assert_close(got, want)
+    if kind == "fkl":
+        # The peers' objective at T=1: cross-entropy of the full student log-softmax at the ids
+        # against the renormalised teacher top-k, minus the (constant) teacher entropy.
+        spec = LossSpec(kind="fkl", tail_bucket=False)
+        fkl = position_loss(lq, tg.ids, tg.logprobs, tg.tail, tg.valid, tg.labels, spec)[0]
+        p = renorm.exp()
+        torch.testing.assert_close(fkl, (p * (renorm - lq.gather(1, tg.ids))).sum(-1))
+
+
+@pytest.mark.parametrize("kind", LOSS_KINDS)
+def test_no_tail_bucket_chunked_equals_unchunked_and_all_masked_is_zero(kind: str) -> None:
+    spec = LossSpec(kind=kind, temperature=1.7, alpha=0.2, tail_bucket=False)
+    h1, w1, b1, tg = _inputs(29, 13, 41, 5, True)
+    ref = full_kd_loss(h1, w1, b1, tg, spec)
+    ref.backward()
+    h2, w2, b2, _ = _inputs(29, 13, 41, 5, True)
+    out = chunked_kd_loss(h2, w2, b2, tg, spec, chunk_size=6)
+    out.backward()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h2.grad, h1.grad, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(w2.grad, w1.grad, atol=1e-6, rtol=1e-4)
+    h, w, b, empty = _inputs(0, 8, 11, 3, bias=True)
+    loss = chunked_kd_loss(h, w, b, empty, spec) / torch.tensor(0).clamp_min(1)
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and torch.isfinite(w.grad).all()
