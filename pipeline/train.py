@@ -18,6 +18,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,10 @@ from pipeline.config import atomic_write_text, load_yaml, save_resolved_config
 from pipeline.errors import ConfigError, KdpipeError
 from pipeline.losses import HeadSpec, KDTargets, LossSpec, chunked_kd_loss, class_kl, hard_ce
 from pipeline.train_config import RESUME_MAY_CHANGE, TrainConfig
+
+# Mean teacher tail mass above which pure KD from a top-k cache gets a warning: at 0.54 (top-8)
+# it lost to cross-entropy in docs/RESULTS.md, at 0.29 (top-64) it still won clearly.
+LARGE_TAIL_WARNING = 0.35
 
 __all__ = ["DistillModule", "TrainConfig", "Trainer", "TrainingError", "run_train"]
 
@@ -340,6 +345,8 @@ class Trainer:
         """One optimizer step over ``grad_accum`` micro-batches; returns (global mean loss, tokens)."""
         acc, dev = self.accelerator, self.accelerator.device
         micro = [_batch_to(next(self.loader), dev) for _ in range(self.cfg.grad_accum)]
+        if self.counters.step == 0:
+            self._warn_if_tail_is_large(micro[0])
         local = torch.stack([sum(b["num_targets"] for b in micro).to(dev).float(),
                              sum(b["attention_mask"].sum() for b in micro).to(dev).float()])
         count, tokens = acc.reduce(local, reduction="sum").tolist()
@@ -364,6 +371,23 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss, int(tokens)
+
+    def _warn_if_tail_is_large(self, batch: dict[str, Any]) -> None:
+        """Say so (once) when pure KD is asked of a top-k cache that leaves much mass outside its ids.
+
+        The tail bucket carries the tail's amount, not its shape: with a large tail, pure KD
+        measurably lost to cross-entropy in docs/RESULTS.md (top-8, mean tail 0.54).
+        """
+        if self.kind != "topk" or self.cfg.alpha > 0 or not self.accelerator.is_main_process:
+            return
+        mask = batch["target_mask"].bool()
+        if not bool(mask.any()):
+            return
+        mean_tail = float(batch["tail"][mask].float().mean())
+        if mean_tail > LARGE_TAIL_WARNING:
+            print(f"warning: the cache's teacher keeps {mean_tail:.0%} of its probability outside the stored top-k "
+                  f"(first batch); with --alpha 0 the student learns little about that mass. Consider --alpha 0.3-0.5, "
+                  "a larger k, or a `sampled` cache (docs/RESULTS.md)", file=sys.stderr)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

@@ -283,3 +283,13 @@ def test_missing_optional_extras_are_named(teacher_cache: Path, tiny_student_dir
     with pytest.raises(ConfigError, match=rf"needs the {package} package.*pip install 'kdpipe\["):
         run_train(_cfg(teacher_cache, tiny_student_dir, occupied, max_steps=1, overwrite=True, **overrides))
     _untouched(occupied)
+
+
+def test_pure_kd_from_a_cache_with_a_large_tail_warns_once(tmp_path: Path, tiny_tokenizer, tiny_student_dir: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    # Random top-2 distributions over a 384-token vocabulary leave most of the mass in the tail.
+    cache = write_random_cache(tmp_path / "c", tiny_tokenizer, k=2)
+    run_train(_cfg(cache, tiny_student_dir, tmp_path / "kd", max_steps=2))
+    assert capsys.readouterr().err.count("outside the stored top-k") == 1
+    run_train(_cfg(cache, tiny_student_dir, tmp_path / "mixed", max_steps=2, alpha=0.5))
+    assert "outside the stored top-k" not in capsys.readouterr().err
