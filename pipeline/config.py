@@ -63,6 +63,18 @@ def resolve_config(
         raise ConfigError(_format_validation_error(exc, source)) from None
 
 
+def resolve_device(want: str, error: type[Exception] = ConfigError) -> str:
+    """The ``--device`` value to use: ``auto`` becomes cuda when visible, else cpu; a cuda device
+    that is not there raises ``error`` naming the flag."""
+    import torch
+
+    if want == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if want.startswith("cuda") and not torch.cuda.is_available():
+        raise error(f"--device {want} was asked for but no CUDA device is visible; use --device cpu")
+    return want
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file, fsync and rename."""
     path = Path(path)

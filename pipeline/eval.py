@@ -29,7 +29,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from pipeline import metrics
-from pipeline.config import StrictModel, atomic_write_text, save_resolved_config
+from pipeline.config import StrictModel, atomic_write_text, resolve_device, save_resolved_config
 from pipeline.errors import ConfigError, DatasetError, ModelError
 
 Task = Literal["lm", "classification", "summarization", "reasoning"]
@@ -164,11 +164,7 @@ class Runtime:
 def _setup_runtime(cfg: EvalConfig) -> Runtime:
     import torch
 
-    device = cfg.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device} was asked for but no CUDA device is visible; use --device cpu")
+    device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     return Runtime(device=device, dtype=getattr(torch, cfg.dtype))
 

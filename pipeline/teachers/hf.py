@@ -112,11 +112,9 @@ class HFTeacher(TeacherBackend):
     def _setup_device(settings: TeacherSettings) -> Any:
         import torch
 
-        want = settings.device
-        if want == "auto":
-            want = "cuda" if torch.cuda.is_available() else "cpu"
-        if want.startswith("cuda") and not torch.cuda.is_available():
-            raise BackendError(f"--device {want} was asked for but no CUDA GPU is visible; use --device cpu")
+        from pipeline.config import resolve_device
+
+        want = resolve_device(settings.device, BackendError)
         if (settings.load_in_4bit or settings.load_in_8bit) and not want.startswith("cuda"):
             flag = "--load-in-4bit" if settings.load_in_4bit else "--load-in-8bit"
             raise BackendError(f"{flag} needs a CUDA GPU (bitsandbytes quantization); none is used here, drop {flag}")
