@@ -81,10 +81,6 @@ class TeacherBackend(ABC):
         self.timing = Timing()
 
     @abstractmethod
-    def identity(self) -> dict[str, Any]:
-        """The ``teacher`` part of the cache identity: name, revision, dtype, backend, version."""
-
-    @abstractmethod
     def topk(self, seqs: list[np.ndarray], positions: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k of each target position: (ids int32 [n_pos, k], logprobs float32 [n_pos, k])."""
 

@@ -201,18 +201,6 @@ class HFTeacher(TeacherBackend):
 
         return capped
 
-    def identity(self) -> dict[str, Any]:
-        quant = "4bit" if self.settings.load_in_4bit else "8bit" if self.settings.load_in_8bit else None
-        return {
-            "name": self.settings.model,
-            "revision": self.settings.revision or getattr(self.model.config, "_commit_hash", None),
-            "dtype": self.settings.dtype,
-            "backend": "hf",
-            "backend_version": package_version("transformers"),
-            "quantization": quant,
-            "architecture": (getattr(self.model.config, "architectures", None) or [None])[0],
-        }
-
     # -- forward ---------------------------------------------------------------------------
 
     def _target_hidden(self, seqs: list[np.ndarray], positions: list[np.ndarray]) -> tuple[Any, Callable[[Any], Any]]:

@@ -153,17 +153,6 @@ class VLLMTeacher(TeacherBackend):
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelError(f"vLLM cannot load teacher {settings.model} (--teacher): {msg}") from None
 
-    def identity(self) -> dict[str, Any]:
-        return {
-            "name": self.settings.model,
-            "revision": self.settings.revision,
-            "dtype": self.settings.dtype,
-            "backend": "vllm",
-            "backend_version": vllm_version(),
-            "quantization": None,
-            "architecture": (getattr(self.llm.llm_engine.model_config.hf_config, "architectures", None) or [None])[0],
-        }
-
     def topk(self, seqs: list[np.ndarray], positions: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
         limit = self.llm.llm_engine.model_config.max_logprobs
         if k > self.vocab_size:
