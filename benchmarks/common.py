@@ -39,7 +39,7 @@ def wikitext_teacher(
         return out
     import torch
 
-    from pipeline.toy import build_llama, build_tokenizer, token_stream, train_causal_lm
+    from pipeline.demo.toy import build_llama, build_tokenizer, token_stream, train_causal_lm
 
     torch.manual_seed(0)
     lines = wikitext_lines("valid")

@@ -49,7 +49,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _dump_config(teacher: Path, data: Path, out: Path, backend: str, args: argparse.Namespace, limit: int) -> Any:
-    from pipeline.dump import DumpConfig
+    from pipeline.dump.run import DumpConfig
 
     return DumpConfig(teacher=str(teacher), dataset=str(data), out=str(out), backend=backend, task="lm",
                       top_k=args.top_k, max_length=args.max_length, batch_size=args.batch_size, device="cpu",
@@ -80,7 +80,7 @@ def _baseline(backend: Any, examples: list[Any], unit_rows: int, k: int) -> floa
 def _bench_backend(name: str, teacher: Path, data: Path, args: argparse.Namespace, limit: int) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
-    from pipeline.dump import _setup_backend, _setup_examples, _setup_model_info, run_dump
+    from pipeline.dump.run import _setup_backend, _setup_examples, _setup_model_info, run_dump
 
     work = Path(tempfile.mkdtemp(prefix=f"kdpipe-bench-dump-{name}-"))
     try:

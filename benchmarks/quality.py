@@ -16,7 +16,7 @@ For each task, the same student architecture, the same steps and the same data o
 - ``sampled{N}``: offline KD from a ``sampled`` cache with ``N`` draws per position;
 - ``online``: KD from the teacher's full distribution, computed on the fly, on the same
   batches (read from the k=64 cache's stream: only its ``input_ids`` are used) with the same
-  optimizer, schedule and loss code (``pipeline.losses`` with k = V);
+  optimizer, schedule and loss code (``pipeline.train.losses`` with k = V);
 - ``teacher``: the teacher itself.
 
 Artifacts (teachers, caches, students, per-arm results) live under
@@ -190,7 +190,7 @@ def cache_stats(path: Path) -> dict[str, Any]:
 
 def dump(task_dir: Path, name: str, settings: dict[str, Any], fresh: bool = False) -> dict[str, Any]:
     """``pipeline.dump.run_dump`` into ``task_dir/caches/name``; returns its summary + cache stats."""
-    from pipeline.dump import DumpConfig, run_dump
+    from pipeline.dump.run import DumpConfig, run_dump
 
     out = task_dir / "caches" / name
     info_path = task_dir / "caches" / f"{name}.json"
@@ -230,7 +230,7 @@ class _MappedLoader:
 def _make_trainer(cfg: Any, transform: Any = None) -> Any:
     """kdpipe's Trainer, optionally with a batch transform (the renormalised and online arms), and a
     timer around each optimizer step (data + forward + backward + update, no eval/checkpoint)."""
-    from pipeline.train import Trainer
+    from pipeline.train.trainer import Trainer
 
     class QualityTrainer(Trainer):
         step_times: list[float]
@@ -252,8 +252,8 @@ def _make_trainer(cfg: Any, transform: Any = None) -> Any:
 
 def train(task_dir: Path, arm: str, cache: Path, student_init: Path, settings: dict[str, Any],
           transform: Any = None, fresh: bool = False) -> tuple[Path, dict[str, Any]]:
-    """``pipeline.train`` on ``cache`` into ``task_dir/runs/arm``; returns (student folder, summary)."""
-    from pipeline.train import TrainConfig
+    """``pipeline.train.trainer`` on ``cache`` into ``task_dir/runs/arm``; returns (student folder, summary)."""
+    from pipeline.train.trainer import TrainConfig
 
     out = task_dir / "runs" / arm
     info_path = task_dir / "runs" / f"{arm}.train.json"
@@ -283,7 +283,7 @@ def train(task_dir: Path, arm: str, cache: Path, student_init: Path, settings: d
 
 def online_transform(teacher: Any) -> Any:
     """Online KD: the teacher runs on each batch and its full-vocabulary log-softmax replaces the
-    cached targets (k = V, tail 0), so ``pipeline.losses`` computes the exact full KL. Only the
+    cached targets (k = V, tail 0), so ``pipeline.train.losses`` computes the exact full KL. Only the
     cache's ``input_ids``/``target_mask`` (i.e. the same rows in the same order) are used."""
     import torch
 
@@ -307,7 +307,7 @@ def make_student_init(task_dir: Path, teacher_dir: Path, arch: dict[str, Any], n
     """The shared initial student (same weights for every arm), with the teacher's tokenizer."""
     from transformers import AutoTokenizer
 
-    from pipeline.toy import build_llama
+    from pipeline.demo.toy import build_llama
 
     out = task_dir / "student_init"
     if (out / "config.json").is_file():

@@ -131,7 +131,7 @@ def lm_teacher() -> tuple[Path, dict[str, Any]]:
     _set_threads()
     import torch
 
-    from pipeline.toy import build_llama, build_tokenizer, token_stream, train_causal_lm
+    from pipeline.demo.toy import build_llama, build_tokenizer, token_stream, train_causal_lm
 
     torch.manual_seed(SEED)
     lines = wikitext_lines("valid")
@@ -156,7 +156,7 @@ def cls_tokenizer() -> Any:
 
     if (folder / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(str(folder))
-    from pipeline.toy import build_tokenizer
+    from pipeline.demo.toy import build_tokenizer
 
     texts = [t for _, t in sst2("train")] + wikitext_sentences("valid")
     return build_tokenizer(texts, vocab_size=CLS_VOCAB, out_dir=folder)
@@ -224,7 +224,7 @@ def classifier_logits(model: Any, tok: Any, texts: list[str], batch_size: int = 
 
 
 def cls_accuracy(model: Any, tok: Any, rows: list[tuple[int, str]]) -> float:
-    from pipeline.metrics import accuracy
+    from pipeline.eval.metrics import accuracy
 
     logits = classifier_logits(model, tok, [t for _, t in rows])
     return accuracy(logits.argmax(-1).tolist(), [y for y, _ in rows])
@@ -239,7 +239,7 @@ def cls_teacher() -> tuple[Path, dict[str, Any]]:
     _set_threads()
     import torch
 
-    from pipeline.toy import build_llama
+    from pipeline.demo.toy import build_llama
 
     tok = cls_tokenizer()
     model = build_llama(len(tok), num_labels=2, tokenizer=tok, seed=SEED, **CLS_TEACHER)
@@ -271,7 +271,7 @@ def gsm_teacher() -> tuple[Path, dict[str, Any]]:
     _set_threads()
     import torch
 
-    from pipeline.toy import build_llama, build_tokenizer, token_stream, train_causal_lm
+    from pipeline.demo.toy import build_llama, build_tokenizer, token_stream, train_causal_lm
 
     torch.manual_seed(SEED)
     rows = gsm8k("train")

@@ -1,6 +1,6 @@
 """Evaluation helpers for ``benchmarks/quality.py``: the seed project's metrics on held-out real data.
 
-All metrics are computed with ``pipeline.metrics`` (the functions ``kdpipe eval`` uses):
+All metrics are computed with ``pipeline.eval.metrics`` (the functions ``kdpipe eval`` uses):
 LM perplexity / acc@1 / acc@5 (``lm_token_stats``), SST-2 accuracy (``accuracy``), GSM8K exact
 match (``gsm8k_exact_match``), plus answer-token perplexity for GSM8K, and teacher-student
 agreement (``agreement_dense``) where a teacher is given.
@@ -20,7 +20,7 @@ LM_EVAL_WINDOW = 128
 
 def lm_eval_windows(tok: Any, max_windows: int | None) -> np.ndarray:
     """wikitext-2 ``test`` as packed windows of 128 tokens (same packing as the dump's lm recipe)."""
-    from pipeline.toy import token_stream
+    from pipeline.demo.toy import token_stream
 
     stream = token_stream(tok, wikitext_lines("test"))
     n = len(stream) // LM_EVAL_WINDOW
@@ -32,7 +32,7 @@ def lm_eval_windows(tok: Any, max_windows: int | None) -> np.ndarray:
 def eval_lm(model: Any, windows: np.ndarray, teacher: Any = None, batch_size: int = 32) -> dict[str, float]:
     import torch
 
-    from pipeline.metrics import AgreementStats, LMStats, agreement_dense, lm_token_stats
+    from pipeline.eval.metrics import AgreementStats, LMStats, agreement_dense, lm_token_stats
 
     stats, agree = LMStats(), AgreementStats()
     model.eval()
@@ -54,7 +54,7 @@ def eval_cls(model: Any, tok: Any, split: str = "test", teacher: Any = None) -> 
     import torch
 
     from benchmarks.quality_data import classifier_logits
-    from pipeline.metrics import accuracy
+    from pipeline.eval.metrics import accuracy
 
     rows = sst2(split)
     texts = [t for _, t in rows]
@@ -71,7 +71,7 @@ def eval_cls(model: Any, tok: Any, split: str = "test", teacher: Any = None) -> 
 
 def gsm_rows(tok: Any, split: str, limit: int | None, template: str, max_length: int) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, answer ids + EOS) exactly as the dump's reasoning recipe builds them."""
-    from pipeline.recipes import fit_prompt_response
+    from pipeline.dump.tasks import fit_prompt_response
 
     rows = gsm8k(split)[:limit] if limit else gsm8k(split)
     out = []
@@ -90,7 +90,13 @@ def eval_reasoning(
     """Answer-token perplexity (teacher forcing on the reference answers) and greedy exact match."""
     import torch
 
-    from pipeline.metrics import AgreementStats, LMStats, agreement_dense, gsm8k_exact_match, lm_token_stats
+    from pipeline.eval.metrics import (
+        AgreementStats,
+        LMStats,
+        agreement_dense,
+        gsm8k_exact_match,
+        lm_token_stats,
+    )
 
     rows = gsm_rows(tok, "test", ppl_limit, template, max_length)
     stats, agree = LMStats(), AgreementStats()

@@ -83,7 +83,7 @@ def build_cache(batch_size: int, seq_len: int) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cache_format import CacheIdentity, CacheWriter, TopKBatch, TopKEncoding, tokenizer_fingerprint
-    from pipeline.toy import token_stream
+    from pipeline.demo.toy import token_stream
 
     teacher_dir = wikitext_teacher()
     tok = AutoTokenizer.from_pretrained(str(teacher_dir))
@@ -118,10 +118,10 @@ def worker(config: str, cache: Path, steps: int, chunk_size: int, threads: int) 
 
     torch.set_num_threads(threads)
     from cache_format import open_cache
-    from pipeline.collate import collate_rows
-    from pipeline.losses import HeadSpec, KDTargets, LossSpec, chunked_kd_loss, full_kd_loss
-    from pipeline.toy import build_llama
-    from pipeline.train import DistillModule
+    from pipeline.demo.toy import build_llama
+    from pipeline.train.collate import collate_rows
+    from pipeline.train.losses import HeadSpec, KDTargets, LossSpec, chunked_kd_loss, full_kd_loss
+    from pipeline.train.trainer import DistillModule
 
     reader = open_cache(str(cache))
     batch = collate_rows(list(reader.iter_rows()), "topk", pad_id=0)

@@ -70,7 +70,7 @@ def dump_teacher(
 ) -> None:
     """Stage 1: run the teacher over a dataset and write its distributions into a cache."""
     from pipeline.config import resolve_config
-    from pipeline.dump import DumpConfig, format_summary, run_dump
+    from pipeline.dump.run import DumpConfig, format_summary, run_dump
 
     overrides: dict[str, Any] = {k: v for k, v in locals().items() if k not in ("config", "json_out")}
     overrides = {k: v for k, v in overrides.items() if k in DumpConfig.model_fields}

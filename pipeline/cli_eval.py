@@ -49,7 +49,7 @@ def eval_command(
     """Score a model with the seed project's metrics, or several side by side with --compare."""
     from pipeline.config import resolve_config
     from pipeline.errors import ConfigError
-    from pipeline.eval import EvalConfig, print_result, run_eval
+    from pipeline.eval.run import EvalConfig, print_result, run_eval
 
     if extra and not compare:
         raise ConfigError(f"unexpected arguments {' '.join(extra)}; models to compare go after --compare")
@@ -73,7 +73,7 @@ def demo_command(
 ) -> None:
     """Run the whole pipeline offline on a synthetic language: teacher, cache, KD and CE students, report."""
     from pipeline.config import resolve_config
-    from pipeline.demo import DemoConfig, run_demo
+    from pipeline.demo.run import DemoConfig, run_demo
 
     overrides: dict[str, Any] = {k: v for k, v in locals().items() if k in DemoConfig.model_fields}
     cfg = resolve_config(DemoConfig, config, overrides)

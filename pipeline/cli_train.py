@@ -75,7 +75,7 @@ def _flag_type(annotation: Any) -> Any:
 
 
 def _build_command() -> Any:
-    from pipeline.train_config import TrainConfig
+    from pipeline.train.config import TrainConfig
 
     params = [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],  # noqa: UP045
                                 default=typer.Option(None, "--config", help="YAML file with the same keys as the flags."))]
@@ -92,8 +92,8 @@ def _build_command() -> Any:
     def train_student(**kwargs: Any) -> None:
         """Train a student from a cache with a sparse KD loss (DDP/FSDP via torchrun or accelerate launch)."""
         from pipeline.config import resolve_config
-        from pipeline.train import run_train
-        from pipeline.train_config import TrainConfig
+        from pipeline.train.config import TrainConfig
+        from pipeline.train.trainer import run_train
 
         config = kwargs.pop("config")
         cfg = resolve_config(TrainConfig, config, kwargs)

@@ -24,7 +24,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_texts() -> list[str]:
-    from pipeline.toy import make_texts
+    from pipeline.demo.toy import make_texts
 
     return make_texts(seed=0, n=300)
 
@@ -32,7 +32,7 @@ def tiny_texts() -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, tiny_texts: list[str]) -> Path:
     """A byte-level BPE (vocab 384) saved as a HF tokenizer folder."""
-    from pipeline.toy import build_tokenizer
+    from pipeline.demo.toy import build_tokenizer
 
     out = tmp_path_factory.mktemp("tiny_tokenizer")
     build_tokenizer(tiny_texts, vocab_size=384, out_dir=out)
@@ -49,7 +49,7 @@ def tiny_tokenizer(tiny_tokenizer_dir: Path):
 @pytest.fixture(scope="session")
 def tiny_lm_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> Path:
     """A 2-layer, width-64 Llama causal LM with the tiny tokenizer, saved as a HF folder."""
-    from pipeline.toy import build_llama
+    from pipeline.demo.toy import build_llama
 
     out = tmp_path_factory.mktemp("tiny_lm")
     build_llama(len(tiny_tokenizer), tokenizer=tiny_tokenizer, out_dir=out, seed=0)
@@ -59,7 +59,7 @@ def tiny_lm_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> Pat
 @pytest.fixture(scope="session")
 def tiny_student_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> Path:
     """A smaller Llama (1 layer, width 32) sharing the tiny tokenizer."""
-    from pipeline.toy import build_llama
+    from pipeline.demo.toy import build_llama
 
     out = tmp_path_factory.mktemp("tiny_student")
     build_llama(len(tiny_tokenizer), hidden_size=32, num_layers=1, tokenizer=tiny_tokenizer, out_dir=out, seed=1)
@@ -69,7 +69,7 @@ def tiny_student_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -
 @pytest.fixture(scope="session")
 def tiny_classifier_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> Path:
     """A 2-label Llama sequence classifier with the tiny tokenizer."""
-    from pipeline.toy import build_llama
+    from pipeline.demo.toy import build_llama
 
     out = tmp_path_factory.mktemp("tiny_classifier")
     build_llama(len(tiny_tokenizer), num_labels=2, tokenizer=tiny_tokenizer, out_dir=out, seed=2)

@@ -6,10 +6,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from bad_caches import CASES
-from cache_helpers import write_topk_cache
 
 from cache_format import CacheError, open_cache, verify_cache
+from helpers.bad_caches import CASES
+from helpers.cache import write_topk_cache
 from pipeline.cli import main
 
 

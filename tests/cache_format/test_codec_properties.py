@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-from cache_helpers import identity
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -23,6 +22,7 @@ from cache_format.batches import check_batch
 from cache_format.codec import MAX_VALUE_CODE
 from cache_format.shard import build_table, decode_batch, read_shard_encoding
 from cache_format.writer import serialize_table
+from helpers.cache import identity
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from cache_helpers import identity
 
 from cache_format import (
     CacheWriter,
@@ -29,6 +28,7 @@ from cache_format import (
     open_cache,
     verify_cache,
 )
+from helpers.cache import identity
 
 PINNED_PYARROW_MAJOR = 26
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from cache_helpers import identity
 
 from cache_format import (
     CacheIdentity,
@@ -13,6 +12,7 @@ from cache_format import (
     TopKEncoding,
     tokenizer_fingerprint,
 )
+from helpers.cache import identity
 
 
 class FakeTokenizer:

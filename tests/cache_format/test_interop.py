@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from cache_helpers import write_topk_cache
 
 import cache_format
 from cache_format import open_cache
+from helpers.cache import write_topk_cache
 
 SPEC = Path(cache_format.__file__).parent / "SPEC.md"
 

@@ -9,19 +9,19 @@ from typing import Any
 
 import jsonschema
 import pytest
-from bad_caches import CASES
-from cache_helpers import make_class_identity, make_sampled_identity, write_topk_cache
 
 import cache_format
 from cache_format import CacheWriter, ManifestError, open_cache
 from cache_format.manifest import MANIFEST_NAME, validate_manifest
+from helpers.bad_caches import CASES
+from helpers.cache import make_class_identity, make_sampled_identity, write_topk_cache
 
 SCHEMA = json.loads((Path(cache_format.__file__).parent / "manifest.schema.json").read_text())
 
 
 @pytest.fixture(scope="module")
 def manifests(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
-    from cache_helpers import class_batch, sampled_batch
+    from helpers.cache import class_batch, sampled_batch
 
     base = tmp_path_factory.mktemp("m")
     out = {"topk": json.loads((write_topk_cache(base / "t") / MANIFEST_NAME).read_text())}

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-from cache_helpers import identity, topk_batch, write_topk_cache
 from typer.testing import CliRunner
 
 from cache_format import (
@@ -19,6 +18,7 @@ from cache_format import (
     open_cache,
     verify_cache,
 )
+from helpers.cache import identity, topk_batch, write_topk_cache
 from pipeline.cli_cache import cache_app
 
 UNITS = 6

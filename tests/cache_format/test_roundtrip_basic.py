@@ -6,7 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cache_helpers import (
+
+from cache_format import CacheWriter, open_cache, verify_cache
+from helpers.cache import (
     class_batch,
     make_class_identity,
     make_sampled_identity,
@@ -14,8 +16,6 @@ from cache_helpers import (
     topk_batch,
     write_topk_cache,
 )
-
-from cache_format import CacheWriter, open_cache, verify_cache
 
 
 def test_topk_round_trip_is_close_and_normalised(tmp_path: Path) -> None:
@@ -76,7 +76,7 @@ def test_shard_subsets_for_workers_are_disjoint_and_complete(tmp_path: Path) -> 
 
 
 def test_byte_budget_cuts_shards(tmp_path: Path) -> None:
-    from cache_helpers import identity
+    from helpers.cache import identity
 
     with CacheWriter(tmp_path / "c", identity(), max_shard_bytes=2000) as w:
         for i in range(4):
@@ -115,9 +115,8 @@ def test_record_batches_bound_memory_and_random_access_crosses_them(tmp_path: Pa
 
 
 def test_writer_refuses_remote_urls(tmp_path: Path) -> None:
-    from cache_helpers import identity
-
     from cache_format import CacheError
+    from helpers.cache import identity
 
     with pytest.raises(CacheError, match=r"local directories only.*kdpipe cache copy"):
         CacheWriter("s3://bucket/cache", identity())

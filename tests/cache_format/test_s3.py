@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cache_helpers import write_topk_cache
 
 from cache_format import CacheExistsError, CacheNotFoundError, copy_cache, open_cache, verify_cache
+from helpers.cache import write_topk_cache
 
 # moto is never imported into the test process: its Flask app leaves werkzeug context-local
 # proxies in sys.modules, and vLLM's start-up (later in the same session) trips over them with

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cache_helpers import identity, topk_batch, write_topk_cache
 
 from cache_format import (
     CacheExistsError,
@@ -27,6 +26,7 @@ from cache_format import (
     verify_cache,
 )
 from cache_format.manifest import INCOMPLETE_MARKER, MANIFEST_NAME, PROGRESS_JOURNAL
+from helpers.cache import identity, topk_batch, write_topk_cache
 
 HERE = Path(__file__).resolve().parent
 
@@ -153,15 +153,14 @@ def test_rows_without_end_unit_become_a_last_unit(tmp_path: Path) -> None:
 
 CHILD = """
 import sys, time
-sys.path.insert(0, {here!r})
-from cache_helpers import identity, topk_batch
+from helpers.cache import identity, topk_batch
 from cache_format import CacheWriter
 with CacheWriter(sys.argv[1], identity(), mode="resume", max_shard_rows=3) as w:
     for u in range(12):
         if u in w.completed_units:
             continue
         for part in range(2):
-            w.write(topk_batch([f"u{{u}}-{{part}}-{{i}}" for i in range(2)], seed=100 * u + part))
+            w.write(topk_batch([f"u{u}-{part}-{i}" for i in range(2)], seed=100 * u + part))
             time.sleep(0.01)
         w.end_unit(u)
         print(u, flush=True)
@@ -172,8 +171,8 @@ with CacheWriter(sys.argv[1], identity(), mode="resume", max_shard_rows=3) as w:
 @pytest.mark.slow
 def test_kill_minus_9_at_any_moment_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
     script = tmp_path / "child.py"
-    script.write_text(CHILD.format(here=str(HERE)))
-    env = {**os.environ, "PYTHONPATH": str(HERE.parents[1])}
+    script.write_text(CHILD)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parents[1]), str(HERE.parent)])}
     subprocess.run([sys.executable, str(script), str(tmp_path / "ref")], check=True, env=env, timeout=120,
                    stdout=subprocess.DEVNULL)
     root = tmp_path / "killed"

@@ -26,7 +26,7 @@ def torch_one_thread() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def vllm_teacher(tiny_lm_dir: Path) -> Iterator[Any]:
     """The tiny LM loaded once in vLLM (float32, eager): each load costs 10-40 s of CI."""
-    from pipeline.teachers import TeacherSettings, make_backend
+    from pipeline.dump.teachers import TeacherSettings, make_backend
 
     backend = make_backend(
         TeacherSettings(model=str(tiny_lm_dir), backend="vllm", dtype="float32", max_length=256,
@@ -38,7 +38,7 @@ def vllm_teacher(tiny_lm_dir: Path) -> Iterator[Any]:
 
 @pytest.fixture(scope="session")
 def hf_teacher(tiny_lm_dir: Path, tiny_tokenizer: Any) -> Any:
-    from pipeline.teachers import TeacherSettings, make_backend
+    from pipeline.dump.teachers import TeacherSettings, make_backend
 
     return make_backend(
         TeacherSettings(model=str(tiny_lm_dir), backend="hf", dtype="float32", device="cpu", batch_size=4,

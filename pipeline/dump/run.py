@@ -1,0 +1,564 @@
+"""``kdpipe dump-teacher``: run the teacher once over a dataset and write its distributions to a cache.
+
+Flow (each step a ``_setup_*`` function, then one loop):
+
+1. the output folder: create, ``--overwrite``, or resume an earlier run of the same settings;
+2. tokenizer and the teacher's config (cheap: k, vocabulary and context are checked before the
+   model loads);
+3. dataset -> recipe -> examples, in dataset order (``sample_id`` = the row / window index);
+4. the cache identity; a resume into a cache with other settings is refused naming the setting;
+5. the teacher backend; then the work loop.
+
+Work units: examples are cut into units of ``unit_rows`` consecutive rows; unit ``j`` belongs to
+worker ``j % num_workers``. A unit is the resume granule (the writer journals it durably with
+``end_unit``) and the batching scope (rows are sorted by length *inside* a unit, so a unit's
+numbers do not depend on which worker runs it, and N workers + merge equal one worker).
+Encoding and writing run on the writer's background thread while the next unit's forward pass
+runs, so the teacher never waits for compression or the disk.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field, field_validator, model_validator
+
+from pipeline.config import StrictModel, save_resolved_config
+from pipeline.dump.tasks import (
+    Example,
+    RecipeConfig,
+    RecipeResult,
+    build_examples,
+    make_prompt_response_example,
+)
+from pipeline.errors import ConfigError, DatasetError, ModelError
+
+
+class DumpConfig(StrictModel):
+    """Everything ``kdpipe dump-teacher`` needs; saved as ``config.yaml`` in the cache folder."""
+
+    # What to run
+    teacher: str  # HF folder or hub name
+    tokenizer: str | None = None  # why None: the teacher's own tokenizer, which is what it was trained with
+    revision: str | None = None  # why None: the default branch / the folder as it is
+    backend: Literal["hf", "vllm"] = "hf"  # why hf: runs everywhere (CPU too) without extra packages
+    task: Literal["lm", "classification", "summarization", "reasoning"] = "lm"  # why lm: the plain KD case
+    out: str
+
+    # Data
+    dataset: str
+    dataset_config: str | None = None  # why None: most datasets have a single config
+    split: str = "train"  # why train: distillation data is the training split
+    dataset_format: Literal["auto", "json", "parquet", "csv", "text", "sst2"] = "auto"  # why auto: by suffix/content
+    limit: int | None = Field(default=None, ge=1)  # why None: the whole split
+    text_field: str | None = None  # why None: the task's default (recipes.DEFAULT_TEXT_FIELD)
+    label_field: str | None = None  # why None: "label" for classification
+    response_field: str | None = None  # why None: summary.text / answer
+    fallback_field: str | None = None  # why None: info.article for summarization (news rows have no post)
+    template: str | None = None  # why None: the task's prompt template (recipes.DEFAULT_TEMPLATE)
+    chat_template: bool = False  # why off: base models have no chat template
+    pack: bool = True  # why packed: LM windows are full, no compute is spent on padding
+    max_length: int = Field(default=512, ge=2)  # why 512: fits small teachers' context; cut to the model's if larger
+
+    # Teacher output
+    encoding: Literal["topk", "sampled"] = "topk"  # why topk: exact top-k + tail, the smallest KL error per byte
+    top_k: int = Field(default=64, ge=1)  # why 64: the design's operating point (<=100 B/token)
+    num_draws: int = Field(default=32, ge=1, le=255)  # why 32: few unique ids per position keeps sampled caches small
+    teacher_generates: bool = False  # why off: reference answers are the default (sequence-level KD is opt-in)
+    max_new_tokens: int = Field(default=256, ge=1)  # why 256: a GSM8K solution fits comfortably
+
+    # Engine
+    batch_size: int = Field(default=8, ge=1)  # why 8: CPU-friendly; raise on GPUs
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # why float32: exact log-probs (use bf16 on GPU)
+    device: str = "auto"  # why auto: CUDA when visible, else CPU
+    attn_implementation: str | None = None  # why None: transformers' default (sdpa)
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
+    trust_remote_code: bool = False  # why off: never run a model repo's code unless asked
+    max_logprobs: int | None = Field(default=None, ge=1)  # why None: vLLM gets exactly --top-k
+    tensor_parallel_size: int = Field(default=1, ge=1)  # why 1: one GPU unless asked
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)  # why 0.9: vLLM's own default
+    enforce_eager: bool | None = None  # why None: eager on CPU (compile costs ~40 s), graphs on GPU
+    seed: int = 0  # why 0: any fixed value; sampled draws are seeded from (seed, unit)
+
+    # Work split and output
+    num_workers: int = Field(default=1, ge=1)
+    worker_index: int = Field(default=0, ge=0)
+    unit_rows: int = Field(default=256, ge=1)  # why 256: ~1 min of CPU work, so a crash loses little
+    overwrite: bool = False  # why off: never delete a cache unless asked
+    max_shard_rows: int | None = Field(default=None, ge=1)  # why None: the writer's default
+    max_shard_bytes: int | None = Field(default=None, ge=1)  # why None: the writer's default
+    progress: bool = True  # why on: a dump takes long; the bar shows tokens/s and ETA on stderr
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v):
+            raise ValueError(f"must be auto, cpu, cuda, cuda:N or mps, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> DumpConfig:
+        if self.worker_index >= self.num_workers:
+            raise ValueError(
+                f"--worker-index {self.worker_index} must be below --num-workers {self.num_workers} (0-based)"
+            )
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("--load-in-4bit and --load-in-8bit exclude each other; pick one")
+        if self.backend == "vllm" and self.encoding == "sampled":
+            raise ValueError("--encoding sampled needs the full distribution, which vLLM only returns as Python "
+                             "objects per vocabulary entry; use --backend hf for sampled caches")
+        if self.backend == "vllm" and self.task == "classification":
+            raise ValueError("--task classification needs a sequence-classifier head; use --backend hf")
+        if self.task == "classification" and self.encoding == "sampled":
+            raise ValueError("--encoding sampled does not apply to --task classification (it stores class logits)")
+        if self.max_logprobs is not None and self.encoding == "topk" and self.task != "classification" \
+                and self.top_k > self.max_logprobs:
+            raise ValueError(f"--top-k {self.top_k} is larger than --max-logprobs {self.max_logprobs}; "
+                             "raise --max-logprobs or lower --top-k")
+        return self
+
+
+# ----------------------------------------------------------------------------- pure helpers
+
+
+def unit_slices(n_rows: int, unit_rows: int) -> list[tuple[int, int]]:
+    """[start, end) row range of every unit, in order."""
+    return [(s, min(s + unit_rows, n_rows)) for s in range(0, n_rows, unit_rows)]
+
+
+def my_units(n_units: int, num_workers: int, worker_index: int) -> list[int]:
+    """Units of worker ``worker_index``: j % num_workers == worker_index."""
+    return list(range(worker_index, n_units, num_workers))
+
+
+def unit_seed(seed: int, unit: int) -> int:
+    """A per-unit seed for the sampled encoding, the same whichever worker or run does the unit."""
+    return int(np.random.SeedSequence([seed, unit]).generate_state(1)[0])
+
+
+# ----------------------------------------------------------------------------- setup steps
+
+
+@dataclass
+class _Output:
+    path: Path
+    mode: Literal["create", "overwrite", "resume"]
+    previous: dict[str, Any] | None  # the stored identity of the cache being resumed
+
+
+def _setup_output(cfg: DumpConfig) -> _Output:
+    from cache_format.manifest import INCOMPLETE_MARKER, MANIFEST_NAME
+
+    path = Path(cfg.out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out {path} exists and is not a folder; choose a folder path")
+    entries = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    is_cache = MANIFEST_NAME in entries or INCOMPLETE_MARKER in entries
+    if entries and not is_cache:
+        raise ConfigError(
+            f"--out {path} is not empty and holds no kdpipe cache; choose an empty or new folder"
+        )
+    if not entries:
+        return _Output(path, "create", None)
+    if cfg.overwrite:
+        # The writer refuses files it does not know; our own config.yaml is one of them.
+        (path / "config.yaml").unlink(missing_ok=True)
+        return _Output(path, "overwrite", None)
+    source = path / (MANIFEST_NAME if MANIFEST_NAME in entries else INCOMPLETE_MARKER)
+    try:
+        stored = json.loads(source.read_text())["identity"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(
+            f"--out {path} holds a cache whose {source.name} is unreadable; pass --overwrite to replace it"
+        ) from None
+    return _Output(path, "resume", stored)
+
+
+def _setup_tokenizer(cfg: DumpConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    name = cfg.tokenizer or cfg.teacher
+    flag = "--tokenizer" if cfg.tokenizer else "--teacher"
+    try:
+        tok = AutoTokenizer.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load a tokenizer from {name} ({flag}): {msg}") from None
+    return tok
+
+
+@dataclass
+class _ModelInfo:
+    vocab_size: int
+    max_context: int | None
+    num_labels: int
+    id2label: dict[int, str]
+    architecture: str | None
+
+
+def _setup_model_info(cfg: DumpConfig) -> _ModelInfo:
+    from transformers import AutoConfig
+
+    from pipeline.dump.teachers import check_teacher_path
+
+    check_teacher_path(cfg.teacher)
+    try:
+        mc = AutoConfig.from_pretrained(cfg.teacher, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot read the config of teacher {cfg.teacher} (--teacher): {msg}") from None
+    text_cfg = mc.get_text_config() if hasattr(mc, "get_text_config") else mc
+    vocab = int(getattr(text_cfg, "vocab_size", 0) or 0)
+    ctx = getattr(text_cfg, "max_position_embeddings", None)
+    id2label = {int(k): str(v) for k, v in (getattr(mc, "id2label", None) or {}).items()}
+    return _ModelInfo(vocab, int(ctx) if ctx else None, int(getattr(mc, "num_labels", 0) or 0), id2label,
+                      (getattr(mc, "architectures", None) or [None])[0])
+
+
+def _check_against_model(cfg: DumpConfig, info: _ModelInfo, tok: Any) -> int:
+    """Validate k against the vocabulary; return the effective max length (cut to the model's context)."""
+    if cfg.task != "classification" and cfg.encoding == "topk" and cfg.top_k > info.vocab_size:
+        raise ConfigError(
+            f"--top-k {cfg.top_k} is larger than teacher {cfg.teacher}'s vocabulary of {info.vocab_size}; lower --top-k"
+        )
+    if cfg.task != "classification" and len(tok) > info.vocab_size:
+        raise ModelError(
+            f"tokenizer has {len(tok)} tokens but teacher {cfg.teacher} has only {info.vocab_size} output ids; "
+            "pass the teacher's own tokenizer (--tokenizer)"
+        )
+    # vLLM generates one token after every prompt, and that token must fit in the context too.
+    context = info.max_context - 1 if info.max_context and cfg.backend == "vllm" else info.max_context
+    if context and cfg.max_length > context:
+        print(
+            f"note: --max-length {cfg.max_length} is above the teacher's context of {context}; "
+            f"rows are cut to {context} tokens (counted as truncated/split in the summary)",
+            file=sys.stderr,
+        )
+        return context
+    return cfg.max_length
+
+
+def _setup_examples(cfg: DumpConfig, tok: Any, info: _ModelInfo, max_length: int) -> tuple[Any, RecipeResult, RecipeConfig]:
+    from pipeline.dump.datasets import load_dataset_rows
+
+    ds = load_dataset_rows(cfg.dataset, config=cfg.dataset_config, split=cfg.split, limit=cfg.limit,
+                           fmt=cfg.dataset_format)
+    rcfg = RecipeConfig(
+        task=cfg.task, max_length=max_length, text_field=cfg.text_field, label_field=cfg.label_field,
+        response_field=cfg.response_field, fallback_field=cfg.fallback_field, template=cfg.template,
+        chat_template=cfg.chat_template, pack=cfg.pack, teacher_generates=cfg.teacher_generates,
+    ).resolved()
+    label2id = {v: k for k, v in info.id2label.items()} if info.id2label else None
+    result = build_examples(ds, tok, rcfg, label2id)
+    if not result.examples:
+        raise DatasetError(f"dataset {ds.source} gave no rows to distill; check --text-field and --limit")
+    return ds, result, rcfg
+
+
+def _encoding(cfg: DumpConfig, info: _ModelInfo) -> Any:
+    from cache_format import ClassLogitsEncoding, SampledEncoding, TopKEncoding
+
+    if cfg.task == "classification":
+        if info.num_labels < 1:
+            raise ModelError(f"teacher {cfg.teacher} declares no labels (num_labels); --task classification needs a "
+                             "sequence classifier")
+        names = [info.id2label.get(i, str(i)) for i in range(info.num_labels)]
+        return ClassLogitsEncoding(num_classes=info.num_labels, labels=names)
+    # Temperature 1 (the teacher's own distribution): the trainer applies its own temperature.
+    if cfg.encoding == "sampled":
+        return SampledEncoding(num_draws=cfg.num_draws)
+    return TopKEncoding(k=cfg.top_k)
+
+
+# Files whose bytes define a local model; tokenizer files are covered by the tokenizer fingerprint.
+_WEIGHT_FILE = re.compile(r"(\.safetensors|\.bin|\.pt|\.gguf|config\.json|generation_config\.json)$")
+
+
+def local_weights_hash(folder: Path) -> str | None:
+    """``sha256:<hex>`` over the names and bytes of a local model folder's weight and config files.
+
+    A local path says nothing about which weights it held when the cache was made, so the
+    identity records their content: resuming into (or training from) a cache made with other
+    weights under the same path is then refused. Returns None for a folder without such files.
+    """
+    import hashlib
+
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and _WEIGHT_FILE.search(p.name))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        with path.open("rb") as fh:
+            while chunk := fh.read(1 << 22):
+                digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def _teacher_identity(cfg: DumpConfig, info: _ModelInfo) -> dict[str, Any]:
+    from pipeline.dump.teachers import package_version
+    from pipeline.dump.teachers.vllm import vllm_version
+
+    quant = "4bit" if cfg.load_in_4bit else "8bit" if cfg.load_in_8bit else None
+    return {
+        "name": cfg.teacher,
+        "revision": cfg.revision or (local_weights_hash(Path(cfg.teacher)) if Path(cfg.teacher).is_dir() else None),
+        "dtype": cfg.dtype,
+        "backend": cfg.backend,
+        "backend_version": vllm_version() if cfg.backend == "vllm" else package_version("transformers"),
+        "quantization": quant,
+        "architecture": info.architecture,
+    }
+
+
+def _setup_identity(cfg: DumpConfig, tok: Any, info: _ModelInfo, ds: Any, rcfg: RecipeConfig, max_length: int) -> Any:
+    from cache_format import CacheIdentity
+    from cache_format.identity import tokenizer_fingerprint
+
+    recipe = rcfg.identity()
+    recipe["max_length"] = max_length
+    # Units fix which rows form a shard and which worker does what: resuming or merging with
+    # other values would mix two layouts, so they are compared like the recipe.
+    recipe["units"] = {"unit_rows": cfg.unit_rows, "num_workers": cfg.num_workers}
+    if cfg.task != "classification":
+        recipe["max_new_tokens"] = cfg.max_new_tokens if cfg.teacher_generates else None
+        recipe["seed"] = cfg.seed if cfg.encoding == "sampled" else None
+    run = json.loads(cfg.model_dump_json())
+    return CacheIdentity(
+        teacher=_teacher_identity(cfg, info),
+        tokenizer={"name": cfg.tokenizer or cfg.teacher, "vocab_size": len(tok), "model_vocab_size": info.vocab_size,
+                   "fingerprint": tokenizer_fingerprint(tok)},
+        recipe=recipe,
+        dataset=ds.identity(),
+        encoding=_encoding(cfg, info),
+        run=run,
+    )
+
+
+def _check_resume(cfg: DumpConfig, out: _Output, identity: Any) -> None:
+    """Refuse to resume into a cache made with other settings, naming the first ones that differ."""
+    from cache_format import CacheIdentity
+    from cache_format.errors import CacheError
+
+    if out.mode != "resume" or out.previous is None:
+        return
+    try:
+        stored = CacheIdentity.from_dict(out.previous, str(out.path))
+    except CacheError as exc:
+        raise ConfigError(f"--out {out.path} holds a cache this version cannot read ({exc}); pass --overwrite") from None
+    diffs = stored.diff(identity)
+    prev_worker = (stored.run or {}).get("worker_index")
+    if prev_worker is not None and prev_worker != cfg.worker_index:
+        diffs.append(f"run.worker_index: {prev_worker!r} != {cfg.worker_index!r}")
+    if diffs:
+        raise ConfigError(
+            f"--out {out.path} holds a cache made with different settings (cache != this run): "
+            + "; ".join(diffs[:5]) + " — rerun with the same settings to resume, pass --overwrite to replace it, "
+            "or choose another --out"
+        )
+
+
+def _setup_backend(cfg: DumpConfig, tok: Any, max_length: int) -> Any:
+    from pipeline.dump.teachers import TeacherSettings, make_backend
+
+    settings = TeacherSettings(
+        model=cfg.teacher, backend=cfg.backend, kind="classifier" if cfg.task == "classification" else "causal_lm",
+        dtype=cfg.dtype, device=cfg.device, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
+        attn_implementation=cfg.attn_implementation, load_in_4bit=cfg.load_in_4bit, load_in_8bit=cfg.load_in_8bit,
+        batch_size=cfg.batch_size, max_length=max_length, max_logprobs=cfg.max_logprobs or cfg.top_k,
+        tensor_parallel_size=cfg.tensor_parallel_size, gpu_memory_utilization=cfg.gpu_memory_utilization,
+        enforce_eager=cfg.enforce_eager, seed=cfg.seed,
+        extra={"pad_token_id": tok.pad_token_id, "top_k": cfg.top_k},
+    )
+    return make_backend(settings)
+
+
+# ----------------------------------------------------------------------------- the work loop
+
+
+def _generate_responses(backend: Any, rows: list[Example], cfg: DumpConfig, tok: Any, max_length: int,
+                        counts: dict[str, int]) -> list[Example]:
+    """Sequence-level KD: the teacher answers each prompt greedily; rows become prompt + its answer."""
+    prompts = [ex.input_ids for ex in rows]
+    answers = backend.generate(prompts, min(cfg.max_new_tokens, max_length - 1), tok.eos_token_id)
+    out: list[Example] = []
+    for ex, ans in zip(rows, answers, strict=True):
+        # The answer was written for this exact prompt, so an overlong row loses answer tokens, never prompt ones.
+        room = max_length - len(ex.input_ids)
+        counts["truncated"] += int(len(ans) > room)
+        new, _ = make_prompt_response_example(ex.sample_id, ex.input_ids.tolist(), ans[:room].tolist(), max_length,
+                                              tok.bos_token_id)
+        if new is None:
+            counts["skipped"] += 1
+        else:
+            out.append(new)
+    return out
+
+
+def _unit_batch(backend: Any, rows: list[Example], cfg: DumpConfig, unit: int) -> Any:
+    """Run the teacher over one unit's rows and build the writer batch (rows in unit order)."""
+    from cache_format import ClassLogitsBatch, SampledBatch, TopKBatch
+
+    sids = [str(ex.sample_id) for ex in rows]
+    seqs = [ex.input_ids for ex in rows]
+    labels = [ex.label for ex in rows]
+    if cfg.task == "classification":
+        logits = backend.class_logits(seqs)
+        return ClassLogitsBatch(sample_ids=sids, logits=logits, labels=labels, input_ids=seqs)
+    positions = [ex.positions for ex in rows]
+    if cfg.encoding == "sampled":
+        draws = backend.sample(seqs, positions, cfg.num_draws, unit_seed(cfg.seed, unit))
+        return SampledBatch(sample_ids=sids, input_ids=seqs, positions=positions, draws=draws)
+    ids, lps = backend.topk(seqs, positions, cfg.top_k)
+    return TopKBatch(sample_ids=sids, input_ids=seqs, positions=positions, ids=ids, logprobs=lps)
+
+
+def _progress(cfg: DumpConfig, total: int, initial: int) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="tok", unit_scale=True, desc="dump-teacher",
+                file=sys.stderr, disable=not cfg.progress, smoothing=0.1)
+
+
+def _run_units(cfg: DumpConfig, backend: Any, writer: Any, examples: list[Example], tok: Any, max_length: int,
+               counts: dict[str, int]) -> dict[str, Any]:
+    slices = unit_slices(len(examples), cfg.unit_rows)
+    mine = my_units(len(slices), cfg.num_workers, cfg.worker_index)
+    done = writer.completed_units
+    todo = [u for u in mine if u not in done]
+
+    def unit_tokens(u: int) -> int:
+        s, e = slices[u]
+        return int(sum(len(ex.input_ids) for ex in examples[s:e]))
+
+    done_tokens = sum(unit_tokens(u) for u in mine if u in done)
+    bar = _progress(cfg, done_tokens + sum(unit_tokens(u) for u in todo), done_tokens)
+    tokens = 0
+    handoff_s = 0.0  # caller-side time in writer.write/end_unit: batch checks + queueing (incl. blocked)
+    try:
+        for u in todo:
+            s, e = slices[u]
+            rows = examples[s:e]
+            if cfg.teacher_generates:
+                rows = _generate_responses(backend, rows, cfg, tok, max_length, counts)
+            batch = _unit_batch(backend, rows, cfg, u) if rows else None
+            t0 = time.perf_counter()
+            if batch is not None:
+                writer.write(batch)
+            writer.end_unit(u)
+            handoff_s += time.perf_counter() - t0
+            n = unit_tokens(u)
+            tokens += int(sum(len(ex.input_ids) for ex in rows))
+            bar.update(n)
+    finally:
+        bar.close()
+    return {"units_total": len(slices), "units_mine": len(mine), "units_resumed": len(mine) - len(todo),
+            "units_done": len(todo), "tokens_this_run": tokens, "handoff_s": handoff_s}
+
+
+def _summary(manifest: dict[str, Any], loop: dict[str, Any], timing: dict[str, float], writer_stats: dict[str, Any],
+             wall: float, setup_s: float, counts: dict[str, int], out: Path) -> dict[str, Any]:
+    totals = manifest.get("totals", {})
+    positions = int(totals.get("positions", 0))
+    rows = int(totals.get("rows", 0))
+    tokens_run = loop["tokens_this_run"]
+    teacher_s = timing["teacher_s"]
+    outside = max(0.0, wall - teacher_s)
+    return {
+        "out": str(out),
+        "rows": rows,
+        "tokens": int(totals.get("tokens", 0)),
+        "positions": positions,
+        "bytes": int(totals.get("bytes", 0)),
+        "bytes_per_token": (int(totals.get("bytes", 0)) / positions) if positions else None,
+        "bytes_per_row": (int(totals.get("bytes", 0)) / rows) if rows else None,
+        "shards": int(totals.get("shards", 0)),
+        **loop,
+        "truncated": counts.get("truncated", 0),
+        "split_documents": counts.get("split_documents", 0),
+        "skipped_rows": counts.get("skipped", 0),
+        "setup_s": setup_s,
+        "wall_s": wall,
+        "tokens_per_s": tokens_run / wall if wall > 0 else None,
+        "teacher_s": teacher_s,
+        "convert_s": timing["convert_s"],
+        "writer_blocked_s": float(writer_stats.get("blocked_s", 0.0)),
+        "encode_s": float(writer_stats.get("encode_s", 0.0)),
+        "write_s": float(writer_stats.get("write_s", 0.0)),
+        "teacher_share": teacher_s / wall if wall > 0 else None,
+        "outside_teacher_share": outside / wall if wall > 0 else None,
+    }
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """A few human lines for the end of a dump."""
+    def f(v: Any, spec: str = ".3g") -> str:
+        return "-" if v is None else format(v, spec)
+
+    return "\n".join([
+        f"cache: {s['out']}  rows {s['rows']}  tokens {s['tokens']}  target positions {s['positions']}  "
+        f"shards {s['shards']}  bytes {s['bytes']} ({f(s['bytes_per_token'], '.1f')} B/position)",
+        f"this run: {s['units_done']} units ({s['units_resumed']} already done), {s['tokens_this_run']} tokens in "
+        f"{f(s['wall_s'], '.2f')} s = {f(s['tokens_per_s'], '.0f')} tokens/s; setup {f(s['setup_s'], '.1f')} s",
+        f"time: teacher {f(s['teacher_s'], '.2f')} s ({f((s['teacher_share'] or 0) * 100, '.1f')}%), conversion "
+        f"{f(s['convert_s'], '.3f')} s, waiting on writer {f(s['writer_blocked_s'], '.3f')} s, encode+write "
+        f"{f(s['encode_s'] + s['write_s'], '.3f')} s (background, overlapped), final flush "
+        f"{f(s['finalize_s'], '.3f')} s; outside teacher "
+        f"{f((s['outside_teacher_share'] or 0) * 100, '.1f')}%",
+        f"rows truncated {s['truncated']}, documents split across windows {s['split_documents']}, "
+        f"rows skipped (nothing to predict) {s['skipped_rows']}",
+    ])
+
+
+def run_dump(cfg: DumpConfig, backend: Any = None) -> dict[str, Any]:
+    """Run the dump described by ``cfg``; returns the summary (also printed by the CLI).
+
+    ``backend``: an already loaded teacher (``pipeline.dump.teachers.make_backend``) to reuse across
+    dumps, e.g. one vLLM engine for several caches; it must match ``cfg`` and is not closed here.
+    """
+    from cache_format import CacheWriter
+
+    t_start = time.perf_counter()
+    out = _setup_output(cfg)
+    info = _setup_model_info(cfg)
+    tok = _setup_tokenizer(cfg)
+    max_length = _check_against_model(cfg, info, tok)
+    ds, recipe, rcfg = _setup_examples(cfg, tok, info, max_length)
+    identity = _setup_identity(cfg, tok, info, ds, rcfg, max_length)
+    _check_resume(cfg, out, identity)
+    own_backend = backend is None
+    if own_backend:
+        backend = _setup_backend(cfg, tok, max_length)
+    elif backend.name != cfg.backend:
+        raise ConfigError(f"the given teacher backend is {backend.name} but --backend is {cfg.backend}")
+    backend.timing = type(backend.timing)()  # this dump's time only
+    counts = {"truncated": int(recipe.stats.get("truncated", 0)),
+              "split_documents": int(recipe.stats.get("split_documents", 0)),
+              "skipped": int(recipe.stats.get("skipped", 0))}
+    writer_kwargs = {k: v for k, v in (("max_shard_rows", cfg.max_shard_rows),
+                                        ("max_shard_bytes", cfg.max_shard_bytes)) if v is not None}
+    setup_s = time.perf_counter() - t_start
+    try:
+        t0 = time.perf_counter()
+        with CacheWriter(out.path, identity, mode=out.mode, **writer_kwargs) as writer:
+            # Saved without --overwrite: rerunning from this file must resume, never wipe the cache.
+            save_resolved_config(cfg.model_copy(update={"overwrite": False}), out.path)
+            loop = _run_units(cfg, backend, writer, recipe.examples, tok, max_length, counts)
+            t_fin = time.perf_counter()
+            manifest = writer.finalize()  # waits for the last unit's encode+write: the only part not overlapped
+            loop["finalize_s"] = time.perf_counter() - t_fin
+            stats = dict(writer.stats)
+        wall = time.perf_counter() - t0
+    finally:
+        if own_backend:
+            backend.close()
+    summary = _summary(manifest, loop, backend.timing.as_dict(), stats, wall, setup_s, counts, out.path)
+    return summary

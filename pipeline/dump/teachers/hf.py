@@ -1,0 +1,330 @@
+"""HF transformers teacher: batched padded forward, float32 log-softmax and top-k over chunks.
+
+The decoder runs once per batch (right padding + attention mask, rows sorted by length so
+batches pad little); only the hidden states of *target* positions go through the LM head, in
+chunks of at most ``_CHUNK_ELEMENTS`` logits, so a ``[batch, seq, vocab]`` float32 tensor is never
+held. The ``sampled`` encoding draws with ``torch.multinomial`` from the same float32 softmax
+(the full distribution), with a generator seeded by the dump per work unit, so a resumed or
+split dump draws the same tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from pipeline.dump.teachers.base import BackendError, TeacherBackend, TeacherSettings, package_version
+from pipeline.errors import ModelError
+
+# 2**24 float32 logits = 64 MiB per chunk: big enough to keep the matmul efficient, small enough
+# for any GPU next to a large teacher (a 150k vocabulary gives chunks of ~110 positions).
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def _torch_dtype(name: str) -> Any:
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def pad_right(seqs: list[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad sequences: (input_ids int64 [B, T_max], attention_mask int64 [B, T_max])."""
+    T = max(len(s) for s in seqs)
+    ids = np.full((len(seqs), T), pad_id, dtype=np.int64)
+    mask = np.zeros((len(seqs), T), dtype=np.int64)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = s
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def flat_target_index(positions: list[np.ndarray], T: int) -> np.ndarray:
+    """Index of each target into the flattened [B * T] hidden states: int64 [n_pos] (row-major)."""
+    if not positions:
+        return np.zeros(0, dtype=np.int64)
+    rows = np.repeat(np.arange(len(positions), dtype=np.int64), [len(p) for p in positions])
+    return rows * T + np.concatenate(positions).astype(np.int64)
+
+
+def chunked_topk(hidden: Any, head: Callable[[Any], Any], k: int, chunk: int) -> tuple[Any, Any]:
+    """Top-k of ``log_softmax(head(hidden))`` in float32, ``chunk`` rows at a time.
+
+    hidden: [n, H] -> (values float32 [n, k] descending, indices int64 [n, k]).
+    """
+    import torch
+
+    vals, idxs = [], []
+    for s in range(0, hidden.shape[0], chunk):
+        logp = torch.log_softmax(head(hidden[s : s + chunk]).float(), dim=-1)
+        v, i = torch.topk(logp, k, dim=-1, largest=True, sorted=True)
+        vals.append(v)
+        idxs.append(i)
+    if not vals:
+        return torch.zeros(0, k), torch.zeros(0, k, dtype=torch.long)
+    return torch.cat(vals), torch.cat(idxs)
+
+
+def chunked_sample(hidden: Any, head: Callable[[Any], Any], num_draws: int, chunk: int, gen: Any) -> Any:
+    """Draws with replacement from ``softmax(head(hidden))`` (float32): int64 [n, num_draws]."""
+    import torch
+
+    out = []
+    for s in range(0, hidden.shape[0], chunk):
+        probs = torch.softmax(head(hidden[s : s + chunk]).float(), dim=-1)
+        # multinomial on the generator's device; CPU draws keep results identical across devices.
+        out.append(torch.multinomial(probs.cpu(), num_draws, replacement=True, generator=gen))
+    if not out:
+        return torch.zeros(0, num_draws, dtype=torch.long)
+    return torch.cat(out)
+
+
+def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Row indices grouped into batches of similar length (longest first; ties keep row order)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+
+
+class HFTeacher(TeacherBackend):
+    name = "hf"
+
+    def __init__(self, settings: TeacherSettings) -> None:
+        super().__init__()
+        import torch
+
+        self.settings = settings
+        self.device = self._setup_device(settings)
+        self.pad_id = int(settings.extra.get("pad_token_id") or 0)
+        self.model = self._setup_model(settings)
+        cfg = self.model.config
+        self.vocab_size = int(getattr(cfg, "vocab_size", 0) or 0)
+        self.max_context = getattr(cfg, "max_position_embeddings", None)
+        self.num_labels = int(getattr(cfg, "num_labels", 0) or 0)
+        self._head = self._setup_head()
+        self._chunk = max(1, _CHUNK_ELEMENTS // max(1, self.vocab_size))
+        self._sync: Callable[[], None] = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+
+    # -- setup -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _setup_device(settings: TeacherSettings) -> Any:
+        import torch
+
+        from pipeline.config import resolve_device
+
+        want = resolve_device(settings.device, BackendError)
+        if (settings.load_in_4bit or settings.load_in_8bit) and not want.startswith("cuda"):
+            flag = "--load-in-4bit" if settings.load_in_4bit else "--load-in-8bit"
+            raise BackendError(f"{flag} needs a CUDA GPU (bitsandbytes quantization); none is used here, drop {flag}")
+        return torch.device(want)
+
+    def _quantization(self, settings: TeacherSettings) -> Any:
+        if not (settings.load_in_4bit or settings.load_in_8bit):
+            return None
+        if settings.load_in_4bit and settings.load_in_8bit:
+            raise BackendError("--load-in-4bit and --load-in-8bit exclude each other; pick one")
+        if package_version("bitsandbytes") is None:
+            raise BackendError(
+                "4/8-bit loading needs bitsandbytes: pip install 'kdpipe[gpu]' (or pip install bitsandbytes)"
+            )
+        from transformers import BitsAndBytesConfig
+
+        if settings.load_in_4bit:
+            return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=_torch_dtype(settings.dtype))
+        return BitsAndBytesConfig(load_in_8bit=True)
+
+    def _setup_model(self, settings: TeacherSettings) -> Any:
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        cls = AutoModelForSequenceClassification if settings.kind == "classifier" else AutoModelForCausalLM
+        kwargs: dict[str, Any] = {
+            "dtype": _torch_dtype(settings.dtype),
+            "revision": settings.revision,
+            "trust_remote_code": settings.trust_remote_code,
+        }
+        if settings.attn_implementation:
+            kwargs["attn_implementation"] = settings.attn_implementation
+        quant = self._quantization(settings)
+        if quant is not None:
+            kwargs["quantization_config"] = quant
+            kwargs["device_map"] = {"": self.device.index or 0}
+        try:
+            model = cls.from_pretrained(settings.model, **kwargs)
+        except (ImportError, ValueError) as exc:
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            hint = " (check --attn-implementation)" if settings.attn_implementation else ""
+            raise ModelError(f"teacher {settings.model} cannot be loaded as {cls.__name__}{hint}: {msg}") from None
+        except OSError as exc:
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ModelError(f"teacher {settings.model} cannot be loaded (--teacher): {msg}") from None
+        if quant is None:
+            model.to(self.device)
+        model.eval()
+        if settings.kind == "classifier" and model.config.pad_token_id is None:
+            if settings.extra.get("pad_token_id") is None and settings.batch_size > 1:
+                raise ModelError(
+                    f"classifier teacher {settings.model} has no pad token (neither its config nor its tokenizer "
+                    "sets one) so batched rows cannot be told apart from padding; set pad_token_id in its "
+                    "config.json, give the tokenizer a pad token, or pass --batch-size 1"
+                )
+            model.config.pad_token_id = settings.extra.get("pad_token_id")
+        return model
+
+    def _setup_head(self) -> Callable[[Any], Any] | None:
+        """The LM head applied to hidden states, or ``None`` to fall back to the model's own logits."""
+        if self.settings.kind != "causal_lm":
+            return None
+        try:
+            self._decoder = self.model.get_decoder()
+            head = self.model.get_output_embeddings()
+        except (AttributeError, NotImplementedError):
+            return None
+        if head is None or self._decoder is None:
+            return None
+        cfg = self.model.config
+        softcap = getattr(cfg, "final_logit_softcapping", None)
+        scale = getattr(cfg, "logit_scale", None)
+        if softcap is None and scale is None:
+            return head
+        import torch
+
+        def capped(h: Any) -> Any:
+            # Models that post-process logits in their forward (Gemma-2 soft-capping, Cohere scaling).
+            logits = head(h)
+            if scale is not None:
+                logits = logits * scale
+            if softcap is not None:
+                logits = torch.tanh(logits / softcap) * softcap
+            return logits
+
+        return capped
+
+    # -- forward ---------------------------------------------------------------------------
+
+    def _target_hidden(self, seqs: list[np.ndarray], positions: list[np.ndarray]) -> tuple[Any, Callable[[Any], Any]]:
+        """Hidden states (or logits) of the batch's target positions: ([n_pos, H], head)."""
+        import torch
+
+        ids, mask = pad_right(seqs, self.pad_id)
+        flat = torch.from_numpy(flat_target_index(positions, ids.shape[1])).to(self.device)
+        ids_t = torch.from_numpy(ids).to(self.device)
+        mask_t = torch.from_numpy(mask).to(self.device)
+        with torch.inference_mode():
+            if self._head is not None:
+                hidden = self._decoder(input_ids=ids_t, attention_mask=mask_t, use_cache=False).last_hidden_state
+                return hidden.reshape(-1, hidden.shape[-1])[flat], self._head
+            logits = self.model(input_ids=ids_t, attention_mask=mask_t, use_cache=False).logits
+            return logits.reshape(-1, logits.shape[-1])[flat], (lambda x: x)
+
+    def _run_batches(
+        self,
+        seqs: list[np.ndarray],
+        positions: list[np.ndarray],
+        compute: Callable[[Any, Callable[[Any], Any]], tuple[Any, ...]],
+    ) -> list[np.ndarray]:
+        """Run ``compute(hidden, head)`` per length-sorted batch; outputs back in row order, concatenated."""
+        import torch
+
+        per_row: list[list[np.ndarray]] = [[] for _ in seqs]
+        n_out = 0
+        for batch in length_batches([len(s) for s in seqs], self.settings.batch_size):
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                hidden, head = self._target_hidden([seqs[i] for i in batch], [positions[i] for i in batch])
+                outs = compute(hidden, head)
+            self._sync()
+            t1 = time.perf_counter()
+            arrays = [o.cpu().numpy() for o in outs]
+            n_out = len(arrays)
+            cuts = np.cumsum([len(positions[i]) for i in batch])[:-1]
+            for a in arrays:
+                for row, part in zip(batch, np.split(a, cuts), strict=True):
+                    per_row[row].append(part)
+            self.timing.teacher_s += t1 - t0
+            self.timing.convert_s += time.perf_counter() - t1
+        t2 = time.perf_counter()
+        result = [np.concatenate([per_row[r][j] for r in range(len(seqs))]) for j in range(n_out)]
+        self.timing.convert_s += time.perf_counter() - t2
+        return result
+
+    def topk(self, seqs: list[np.ndarray], positions: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+        if k > self.vocab_size:
+            raise BackendError(f"--top-k {k} exceeds the teacher's vocabulary of {self.vocab_size}; lower --top-k")
+        if not any(len(p) for p in positions):
+            return np.zeros((0, k), np.int32), np.zeros((0, k), np.float32)
+        vals, idx = self._run_batches(seqs, positions, lambda h, head: chunked_topk(h, head, k, self._chunk))
+        return idx.astype(np.int32), vals.astype(np.float32, copy=False)
+
+    def sample(self, seqs: list[np.ndarray], positions: list[np.ndarray], num_draws: int, seed: int) -> np.ndarray:
+        import torch
+
+        if not any(len(p) for p in positions):
+            return np.zeros((0, num_draws), np.int32)
+        gen = torch.Generator(device="cpu").manual_seed(int(seed))
+        (draws,) = self._run_batches(
+            seqs, positions, lambda h, head: (chunked_sample(h, head, num_draws, self._chunk, gen),)
+        )
+        return draws.astype(np.int32)
+
+    def class_logits(self, seqs: list[np.ndarray]) -> np.ndarray:
+        import torch
+
+        if self.settings.kind != "classifier":
+            raise BackendError("class logits need the teacher loaded as a classifier (--task classification)")
+        out = np.zeros((len(seqs), self.num_labels), dtype=np.float32)
+        for batch in length_batches([len(s) for s in seqs], self.settings.batch_size):
+            t0 = time.perf_counter()
+            ids, mask = pad_right([seqs[i] for i in batch], int(self.model.config.pad_token_id or 0))
+            with torch.inference_mode():
+                logits = self.model(
+                    input_ids=torch.from_numpy(ids).to(self.device),
+                    attention_mask=torch.from_numpy(mask).to(self.device),
+                ).logits.float()
+            self._sync()
+            t1 = time.perf_counter()
+            out[batch] = logits.cpu().numpy()
+            self.timing.teacher_s += t1 - t0
+            self.timing.convert_s += time.perf_counter() - t1
+        return out
+
+    def generate(self, prompts: list[np.ndarray], max_new_tokens: int, eos_id: int | None) -> list[np.ndarray]:
+        import torch
+
+        results: list[np.ndarray] = [np.zeros(0, np.int32)] * len(prompts)
+        pad = self.pad_id if self.pad_id is not None else (eos_id or 0)
+        for batch in length_batches([len(p) for p in prompts], self.settings.batch_size):
+            t0 = time.perf_counter()
+            T = max(len(prompts[i]) for i in batch)
+            # Left padding: every prompt ends at the same column, where generation starts.
+            ids = np.full((len(batch), T), pad, dtype=np.int64)
+            mask = np.zeros((len(batch), T), dtype=np.int64)
+            for r, i in enumerate(batch):
+                ids[r, T - len(prompts[i]) :] = prompts[i]
+                mask[r, T - len(prompts[i]) :] = 1
+            with torch.inference_mode():
+                out = self.model.generate(
+                    input_ids=torch.from_numpy(ids).to(self.device),
+                    attention_mask=torch.from_numpy(mask).to(self.device),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=pad,
+                    eos_token_id=eos_id,
+                )
+            self._sync()
+            t1 = time.perf_counter()
+            new = out[:, T:].cpu().numpy().astype(np.int32)
+            for r, i in enumerate(batch):
+                results[i] = cut_at_eos(new[r], eos_id)
+            self.timing.teacher_s += t1 - t0
+            self.timing.convert_s += time.perf_counter() - t1
+        return results
+
+
+def cut_at_eos(tokens: np.ndarray, eos_id: int | None) -> np.ndarray:
+    """``tokens`` up to and including the first EOS (the rest is padding): int32 [n]."""
+    if eos_id is None:
+        return tokens
+    hits = np.flatnonzero(tokens == eos_id)
+    return tokens[: hits[0] + 1] if len(hits) else tokens

@@ -1,0 +1,614 @@
+"""``kdpipe eval``: the seed project's metrics for one model, or a side-by-side table of several.
+
+Per task (rows come from the same recipes the dump uses, so "the held-out set" means the
+same thing everywhere):
+
+- ``lm``: perplexity, next-token accuracy@1 and @5 over packed windows of ``max_length``;
+- ``classification``: accuracy against the dataset's labels;
+- ``summarization``: BLEU and ROUGE-1/2/L (evaluate's definitions, see ``pipeline.eval.metrics``)
+  of greedy generations against the reference summaries;
+- ``reasoning``: exact match of the final number (GSM8K ``#### n``) of greedy generations.
+
+Every result has the parameter count; with ``--teacher`` (a model) or ``--cache`` (a teacher
+cache) it also has top-1 agreement and mean KL(teacher || student). ``--compare A B C``
+evaluates (or loads earlier ``--json`` results of) several models and prints one table.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from pipeline.config import StrictModel, atomic_write_text, resolve_device, save_resolved_config
+from pipeline.errors import ConfigError, DatasetError, ModelError
+from pipeline.eval import metrics
+
+Task = Literal["lm", "classification", "summarization", "reasoning"]
+GenerationBackend = Literal["auto", "hf", "vllm"]
+
+# Metrics shown per task, in the seed table's order, and which way is better.
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "lm": ("perplexity", "acc@1", "acc@5"),
+    "classification": ("accuracy",),
+    "summarization": ("bleu", "rouge1", "rouge2", "rougeL"),
+    "reasoning": ("exact_match",),
+}
+LOWER_IS_BETTER = {"perplexity", "kl_to_teacher"}
+TASK_TITLES = {
+    "lm": "LM, perplexity / acc@1 / acc@5",
+    "classification": "classification, accuracy",
+    "summarization": "summarization, BLEU / ROUGE-1 / ROUGE-2 / ROUGE-L",
+    "reasoning": "reasoning, exact match of the final number",
+}
+
+
+class EvalConfig(StrictModel):
+    """One ``kdpipe eval`` run (YAML keys = flag names without dashes)."""
+
+    model: str | None = Field(None, description="HF folder or hub name of the model to evaluate")
+    task: Task = "lm"
+    dataset: str | None = Field(None, description="local file/folder or hub name (see pipeline.dump.datasets)")
+    dataset_config: str | None = None
+    dataset_format: Literal["auto", "json", "parquet", "csv", "text", "sst2"] = "auto"
+    # "validation" is the held-out split of wikitext, SST-2 and summarize_from_feedback;
+    # GSM8K has only train/test, so pass --split test there.
+    split: str = "validation"
+    # None = the whole split; a number keeps the first N rows (quick checks, CI).
+    limit: int | None = Field(None, ge=1)
+    # None = the recipe's default field for the task (text / sentence / info.post / question ...).
+    text_field: str | None = None
+    label_field: str | None = None
+    response_field: str | None = None
+    template: str | None = None
+    chat_template: bool = False
+    # 512 tokens: the dump's default window, so LM numbers are comparable with the cache's rows.
+    max_length: int = Field(512, ge=2)
+    # 8 rows per forward pass: fits a 7B model's activations at 512 tokens on one GPU and
+    # keeps CPU runs responsive.
+    batch_size: int = Field(8, ge=1)
+    # 128 new tokens: enough for a TL;DR summary and for most GSM8K answers' final line.
+    max_new_tokens: int = Field(128, ge=1)
+    # auto: vLLM when it is installed and a GPU is present (large models), else HF generate
+    # (vLLM's start-up costs more than a small CPU eval takes).
+    generation_backend: GenerationBackend = "auto"
+    # auto: the first CUDA device when there is one, else CPU.
+    device: str = "auto"
+    # float32 by default: exact numbers on CPU; pass bfloat16 for large models on GPU.
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    teacher: str | None = Field(None, description="teacher model for agreement metrics")
+    cache: str | None = Field(None, description="teacher cache (path or URL) for agreement metrics")
+    json_path: str | None = Field(None, description="write the result as JSON here (flag --json)")
+    # Entries "NAME=PATH" or "PATH": a model folder/name, or an earlier --json result file.
+    compare: list[str] | None = None
+    trust_remote_code: bool = False
+    # 0: reproducible greedy decoding needs no seed, but vLLM and dropout-free HF models take one.
+    seed: int = 0
+
+    @field_validator("device")
+    @classmethod
+    def _device_ok(cls, v: str) -> str:
+        if v != "auto" and not (v == "cpu" or v.startswith("cuda")):
+            raise ValueError(f"device must be auto, cpu or cuda[:N], got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _needs_model_or_compare(self) -> EvalConfig:
+        if not self.compare and not self.model:
+            raise ValueError("give the model to evaluate with --model (or several with --compare)")
+        if self.compare and self.model:
+            raise ValueError("--model and --compare exclude each other; list every model after --compare")
+        return self
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def run_eval(cfg: EvalConfig, engine: Any = None) -> dict[str, Any]:
+    """Evaluate ``cfg.model`` (or every ``cfg.compare`` entry) and return the result dict.
+
+    ``engine``: an already loaded vLLM backend (``pipeline.dump.teachers.make_backend``) of
+    ``cfg.model`` for generation, reused instead of starting a new one.
+    """
+    if cfg.compare:
+        return run_compare(cfg)
+    result = evaluate_model(cfg, engine)
+    _write_outputs(cfg, result, markdown=None)
+    return result
+
+
+def evaluate_model(cfg: EvalConfig, engine: Any = None) -> dict[str, Any]:
+    """Metrics of one model: ``{"model", "task", "params", "metrics", "agreement", ...}``."""
+    assert cfg.model is not None  # guaranteed by EvalConfig's validator
+    t0 = time.perf_counter()
+    runtime = _setup_runtime(cfg)
+    if not cfg.dataset and not cfg.cache:
+        raise ConfigError("pass --dataset to score the model (or --cache to measure agreement with a teacher cache)")
+    model, tokenizer, params = _setup_model(cfg, runtime)
+    result: dict[str, Any] = {
+        "model": cfg.model,
+        "task": cfg.task,
+        "dataset": cfg.dataset,
+        "split": cfg.split,
+        "params": params,
+    }
+    if cfg.dataset:
+        result.update(_task_metrics(cfg, model, tokenizer, runtime, engine))
+    if (cfg.teacher or cfg.cache) and model is None:
+        # Agreement needs the HF forward pass; loaded only now that the vLLM engine is gone.
+        model, tokenizer = _load_model(cfg.model, cfg.task, runtime, cfg.trust_remote_code)
+    result["agreement"] = _agreement(cfg, model, tokenizer, runtime)
+    result["eval_s"] = round(time.perf_counter() - t0, 2)
+    return result
+
+
+# --------------------------------------------------------------------------- setup
+
+
+@dataclass
+class Runtime:
+    """Where and how models run."""
+
+    device: str
+    dtype: Any
+
+
+def _setup_runtime(cfg: EvalConfig) -> Runtime:
+    import torch
+
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    return Runtime(device=device, dtype=getattr(torch, cfg.dtype))
+
+
+def _setup_model(cfg: EvalConfig, runtime: Runtime) -> tuple[Any, Any, int]:
+    """(HF model or None, tokenizer, parameter count).
+
+    When vLLM generates, it holds the weights itself: an HF copy beside it would double the GPU
+    memory, so the parameters are counted on an empty (meta-device) model instead.
+    """
+    assert cfg.model is not None
+    if cfg.task in ("summarization", "reasoning") and _generation_backend(cfg, runtime) == "vllm":
+        tokenizer = _load_tokenizer(cfg.model, cfg.task, cfg.trust_remote_code)
+        return None, tokenizer, _count_params_without_weights(cfg.model, cfg.trust_remote_code)
+    model, tokenizer = _load_model(cfg.model, cfg.task, runtime, cfg.trust_remote_code)
+    return model, tokenizer, metrics.count_parameters(model)
+
+
+def _count_params_without_weights(name: str, trust_remote_code: bool) -> int:
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    with init_empty_weights():
+        empty = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return metrics.count_parameters(empty)
+
+
+def _load_tokenizer(name: str, task: str, trust_remote_code: bool) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelError(
+            f"cannot load the tokenizer of {name} ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+            "pass an HF model folder or hub name to --model/--teacher"
+        ) from None
+    if tokenizer.pad_token_id is None:
+        # Batching needs a pad id; EOS is never scored where it pads (the attention mask hides it).
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _load_model(name: str, task: str, runtime: Runtime, trust_remote_code: bool) -> tuple[Any, Any]:
+    """The model (classifier head for classification, causal LM otherwise) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    tokenizer = _load_tokenizer(name, task, trust_remote_code)
+    cls = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+    try:
+        model = cls.from_pretrained(name, dtype=runtime.dtype, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        kind = "a sequence classifier" if task == "classification" else "a causal LM"
+        raise ModelError(
+            f"cannot load {kind} from {name} ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+            "pass an HF model folder or hub name to --model/--teacher"
+        ) from None
+    model.to(runtime.device).eval()
+    return model, tokenizer
+
+
+def _load_rows(cfg: EvalConfig) -> Any:
+    from pipeline.dump.datasets import load_dataset_rows
+
+    assert cfg.dataset is not None
+    return load_dataset_rows(
+        cfg.dataset, config=cfg.dataset_config, split=cfg.split, limit=cfg.limit, fmt=cfg.dataset_format
+    )
+
+
+def _recipe(cfg: EvalConfig, *, max_length: int, teacher_generates: bool = False) -> Any:
+    from pipeline.dump.tasks import RecipeConfig
+
+    return RecipeConfig(
+        task=cfg.task,
+        max_length=max_length,
+        text_field=cfg.text_field,
+        label_field=cfg.label_field,
+        response_field=cfg.response_field,
+        template=cfg.template,
+        chat_template=cfg.chat_template,
+        teacher_generates=teacher_generates,
+    )
+
+
+# --------------------------------------------------------------------------- task metrics
+
+
+def _task_metrics(
+    cfg: EvalConfig, model: Any, tokenizer: Any, runtime: Runtime, engine: Any = None
+) -> dict[str, Any]:
+    ds = _load_rows(cfg)
+    if cfg.task == "lm":
+        return _eval_lm(cfg, ds, model, tokenizer, runtime)
+    if cfg.task == "classification":
+        return _eval_classification(cfg, ds, model, tokenizer, runtime)
+    return _eval_generation(cfg, ds, model, tokenizer, runtime, engine)
+
+
+def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _pad(rows: Sequence[Any], pad_id: int, device: str, left: bool = False) -> tuple[Any, Any]:
+    """Stack int token rows into ``[B, T]`` ids and attention mask (right padding unless ``left``)."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        t = torch.as_tensor(r, dtype=torch.long)
+        if left:
+            ids[i, width - len(t) :] = t
+            mask[i, width - len(t) :] = 1
+        else:
+            ids[i, : len(t)] = t
+            mask[i, : len(t)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _eval_lm(cfg: EvalConfig, ds: Any, model: Any, tokenizer: Any, runtime: Runtime) -> dict[str, Any]:
+    import torch
+
+    from pipeline.dump.tasks import build_examples
+
+    examples = build_examples(ds, tokenizer, _recipe(cfg, max_length=cfg.max_length)).examples
+    stats = metrics.LMStats()
+    with torch.inference_mode():
+        for batch in _batches(examples, cfg.batch_size):
+            ids, mask = _pad([e.input_ids for e in batch], tokenizer.pad_token_id, runtime.device)
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            # logits[:, t] predicts ids[:, t + 1]; score where both ends are real tokens.
+            stats.add(metrics.lm_token_stats(logits[:, :-1], ids[:, 1:], mask[:, 1:]))
+    return {"num_examples": len(examples), "metrics": stats.summary()}
+
+
+def _eval_classification(cfg: EvalConfig, ds: Any, model: Any, tokenizer: Any, runtime: Runtime) -> dict[str, Any]:
+    import torch
+
+    from pipeline.dump.tasks import build_examples
+
+    label2id = {str(k): int(v) for k, v in (getattr(model.config, "label2id", None) or {}).items()}
+    examples = build_examples(ds, tokenizer, _recipe(cfg, max_length=cfg.max_length), label2id).examples
+    labelled = [e for e in examples if e.label is not None]
+    if not labelled:
+        raise DatasetError(
+            f"dataset {ds.source} has no labels in field '{cfg.label_field or 'label'}'; "
+            "pass the label column with --label-field"
+        )
+    preds: list[int] = []
+    with torch.inference_mode():
+        for batch in _batches(labelled, cfg.batch_size):
+            ids, mask = _pad([e.input_ids for e in batch], tokenizer.pad_token_id, runtime.device)
+            preds.extend(model(input_ids=ids, attention_mask=mask).logits.argmax(-1).tolist())
+    acc = metrics.accuracy(preds, [e.label for e in labelled])
+    return {"num_examples": len(labelled), "metrics": {"accuracy": acc}}
+
+
+def _eval_generation(
+    cfg: EvalConfig, ds: Any, model: Any, tokenizer: Any, runtime: Runtime, engine: Any = None
+) -> dict[str, Any]:
+    """Greedy generations from the task's prompts, scored against the dataset's responses."""
+    from pipeline.dump.tasks import build_examples
+
+    prompt_room = cfg.max_length - cfg.max_new_tokens
+    if prompt_room < 2:
+        raise ConfigError(
+            f"--max-length ({cfg.max_length}) leaves no room for a prompt after --max-new-tokens "
+            f"({cfg.max_new_tokens}); raise --max-length or lower --max-new-tokens"
+        )
+    recipe = _recipe(cfg, max_length=prompt_room + 1, teacher_generates=True).resolved()
+    examples = build_examples(ds, tokenizer, recipe).examples
+    references = ds.column(recipe.response_field, "--response-field")
+    prompts = [e.input_ids.tolist() for e in examples]
+    refs = [str(references[e.sample_id] or "") for e in examples]
+    backend = _generation_backend(cfg, runtime)
+    if backend == "vllm":
+        outputs = _generate_vllm(cfg, tokenizer, prompts, engine)
+    else:
+        outputs = _generate_hf(cfg, model, tokenizer, runtime, prompts)
+    texts = [tokenizer.decode(o, skip_special_tokens=True).strip() for o in outputs]
+    if cfg.task == "summarization":
+        scores = {**{"bleu": metrics.bleu(texts, refs)["bleu"]}, **metrics.rouge(texts, refs)}
+    else:
+        scores = {"exact_match": metrics.gsm8k_exact_match(texts, refs)}
+    samples = [{"prediction": p, "reference": r} for p, r in zip(texts[:3], refs[:3], strict=False)]
+    return {"num_examples": len(examples), "metrics": scores, "generation_backend": backend, "samples": samples}
+
+
+def _generation_backend(cfg: EvalConfig, runtime: Runtime) -> str:
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    if cfg.generation_backend == "vllm" and not has_vllm:
+        raise ConfigError("--generation-backend vllm needs the vllm package; install kdpipe[vllm] or use hf")
+    if cfg.generation_backend == "auto":
+        return "vllm" if has_vllm and runtime.device.startswith("cuda") else "hf"
+    return cfg.generation_backend
+
+
+def _generate_hf(
+    cfg: EvalConfig, model: Any, tokenizer: Any, runtime: Runtime, prompts: list[list[int]]
+) -> list[list[int]]:
+    import torch
+
+    outputs: list[list[int]] = []
+    eos = tokenizer.eos_token_id
+    with torch.inference_mode():
+        for batch in _batches(prompts, cfg.batch_size):
+            # Left padding: every prompt ends where generation starts.
+            ids, mask = _pad(batch, tokenizer.pad_token_id, runtime.device, left=True)
+            out = model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=cfg.max_new_tokens, do_sample=False,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
+            )
+            for row in out[:, ids.shape[1] :].tolist():
+                outputs.append(row[: row.index(eos)] if eos in row else row)
+    return outputs
+
+
+def _generate_vllm(cfg: EvalConfig, tokenizer: Any, prompts: list[list[int]], engine: Any = None) -> list[list[int]]:
+    """Greedy answers from the dump's vLLM teacher backend (one place configures vLLM).
+
+    ``engine``: an already loaded ``pipeline.dump.teachers`` vLLM backend of the same model to reuse
+    (vLLM start-up costs 10-40 s); otherwise one is loaded here and freed afterwards.
+    """
+    import numpy as np
+
+    from pipeline.dump.teachers import TeacherSettings, make_backend
+
+    own = engine is None
+    if own:
+        engine = make_backend(TeacherSettings(
+            model=cfg.model or "", backend="vllm", dtype=cfg.dtype, max_length=cfg.max_length, seed=cfg.seed,
+            trust_remote_code=cfg.trust_remote_code,
+        ))
+    try:
+        eos = tokenizer.eos_token_id
+        outs = engine.generate([np.asarray(p, dtype=np.int32) for p in prompts], cfg.max_new_tokens, eos)
+    finally:
+        if own:
+            engine.close()
+    return [[t for t in o.tolist() if t != eos] for o in outs]
+
+
+# --------------------------------------------------------------------------- agreement
+
+
+def _agreement(cfg: EvalConfig, model: Any, tokenizer: Any, runtime: Runtime) -> dict[str, Any] | None:
+    if cfg.cache:
+        out = _agreement_with_cache(cfg, model, runtime)
+        return {**out, "against": f"cache:{cfg.cache}"}
+    if cfg.teacher:
+        if not cfg.dataset:
+            raise ConfigError("--teacher needs --dataset (the rows both models are compared on)")
+        out = _agreement_with_teacher(cfg, model, tokenizer, runtime)
+        return {**out, "against": f"teacher:{cfg.teacher}"}
+    return None
+
+
+def _agreement_with_teacher(cfg: EvalConfig, model: Any, tokenizer: Any, runtime: Runtime) -> dict[str, Any]:
+    """Compare full distributions on the task's target positions (class logits for classification)."""
+    import torch
+
+    from pipeline.dump.tasks import build_examples
+
+    teacher, _ = _load_model(cfg.teacher or "", cfg.task, runtime, cfg.trust_remote_code)
+    ds = _load_rows(cfg)
+    examples = build_examples(ds, tokenizer, _recipe(cfg, max_length=cfg.max_length)).examples
+    stats = metrics.AgreementStats()
+    with torch.inference_mode():
+        for batch in _batches(examples, cfg.batch_size):
+            ids, mask = _pad([e.input_ids for e in batch], tokenizer.pad_token_id, runtime.device)
+            s_logits = model(input_ids=ids, attention_mask=mask).logits
+            t_logits = teacher(input_ids=ids, attention_mask=mask).logits
+            if cfg.task == "classification":
+                stats.add(metrics.agreement_dense(s_logits, t_logits))
+                continue
+            vocab = min(s_logits.shape[-1], t_logits.shape[-1])  # padded embedding rows hold no token
+            for i, e in enumerate(batch):
+                pos = torch.as_tensor(e.positions, dtype=torch.long, device=s_logits.device)
+                stats.add(metrics.agreement_dense(s_logits[i, pos, :vocab], t_logits[i, pos, :vocab]))
+    return stats.summary()
+
+
+def _agreement_with_cache(cfg: EvalConfig, model: Any, runtime: Runtime) -> dict[str, Any]:
+    """Compare with the cached teacher distributions, on the cache's own rows (``--limit`` rows)."""
+    import numpy as np
+    import torch
+
+    from cache_format import open_cache
+
+    reader = open_cache(cfg.cache)
+    vocab = _model_vocab(model)
+    stats = metrics.AgreementStats()
+    with torch.inference_mode():
+        for n, row in enumerate(reader.iter_rows()):
+            if cfg.limit is not None and n >= cfg.limit:
+                break
+            ids = torch.tensor(np.asarray(row.input_ids), dtype=torch.long, device=runtime.device)[None]
+            logits = model(input_ids=ids).logits[0]
+            if row.class_logits is not None:
+                stats.add(metrics.agreement_dense(logits[None].float(), torch.tensor(np.asarray(row.class_logits))[None]))
+                continue
+            if vocab is not None and len(row.ids) and int(np.max(row.ids)) >= vocab:
+                raise ModelError(
+                    f"cache {cfg.cache} row {row.sample_id} holds token id {int(np.max(row.ids))} but model "
+                    f"{cfg.model} has {vocab} embeddings; evaluate a student with the teacher's tokenizer"
+                )
+            pos = torch.tensor(np.asarray(row.positions), dtype=torch.long, device=logits.device)
+            tail = None if row.tail is None else torch.tensor(np.asarray(row.tail))
+            stats.add(metrics.agreement_sparse(
+                logits[pos].cpu(), torch.tensor(np.asarray(row.ids)), torch.tensor(np.asarray(row.logprobs)), tail,
+            ))
+    if stats.positions == 0:
+        raise DatasetError(f"cache {cfg.cache} has no rows to compare with; check --cache and --limit")
+    return stats.summary()
+
+
+def _model_vocab(model: Any) -> int | None:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return int(emb.weight.shape[0]) if emb is not None else None
+
+
+# --------------------------------------------------------------------------- compare
+
+
+def parse_compare_entry(entry: str) -> tuple[str, str]:
+    """``"NAME=PATH"`` -> (NAME, PATH); a bare ``PATH`` is named by its last path component."""
+    if "=" in entry and not Path(entry).exists():
+        name, _, path = entry.partition("=")
+        if not name or not path:
+            raise ConfigError(f"--compare entry {entry!r} must be NAME=PATH or PATH")
+        return name, path
+    return Path(entry.rstrip("/")).name or entry, entry
+
+
+def run_compare(cfg: EvalConfig, echo: bool = True) -> dict[str, Any]:
+    """Evaluate each ``--compare`` entry (or load its earlier ``--json`` result) into one table.
+
+    ``echo``: print the markdown table (the CLI's output; callers that print it themselves pass False).
+    """
+    columns: list[dict[str, Any]] = []
+    for entry in cfg.compare or []:
+        name, path = parse_compare_entry(entry)
+        if path.endswith(".json"):
+            result = _load_result(path)
+        else:
+            result = evaluate_model(cfg.model_copy(update={"compare": None, "model": path, "json_path": None}))
+        columns.append({"name": name, **result})
+    markdown = compare_table(columns)
+    out = {"columns": columns, "markdown": markdown}
+    _write_outputs(cfg, out, markdown=markdown)
+    if echo:
+        print(markdown)
+    return out
+
+
+def _load_result(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--compare result file {p} does not exist; write it first with kdpipe eval --json {p}")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--compare result file {p} is not valid JSON ({exc}); regenerate it with --json") from None
+    if not isinstance(data, dict) or "task" not in data or "params" not in data:
+        raise ConfigError(f"--compare result file {p} is not a kdpipe eval result (no 'task'/'params' keys)")
+    return data
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        if math.isinf(value) or math.isnan(value):
+            return str(value)
+        return f"{value:.2f}" if abs(value) >= 10 else f"{value:.3f}"
+    return str(value)
+
+
+def compare_table(columns: list[dict[str, Any]]) -> str:
+    """Markdown: the seed project's one-row-per-task table, then every metric on its own row."""
+    names = [c["name"] for c in columns]
+    tasks = list(dict.fromkeys(c["task"] for c in columns))
+    lines = ["| task | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for task in tasks:
+        cells = []
+        for c in columns:
+            if c["task"] != task or "metrics" not in c:
+                cells.append("—")
+                continue
+            values = " / ".join(_fmt(c["metrics"].get(m)) for m in TASK_METRICS[task])
+            cells.append(f"{values} ({metrics.format_params(int(c['params']))})")
+        lines.append(f"| {TASK_TITLES[task]} | " + " | ".join(cells) + " |")
+    lines += ["", "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for key in _metric_rows(columns):
+        row = [_fmt(_lookup(c, key)) for c in columns]
+        arrow = " (lower is better)" if key.split(".")[-1] in LOWER_IS_BETTER else ""
+        lines.append(f"| {key}{arrow} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _metric_rows(columns: list[dict[str, Any]]) -> list[str]:
+    keys: dict[str, None] = {"params": None}
+    for c in columns:
+        keys.update({f"metrics.{k}": None for k in TASK_METRICS.get(c["task"], ())})
+        if c.get("agreement"):
+            keys.update({"agreement.top1_agreement": None, "agreement.kl_to_teacher": None})
+    return list(keys)
+
+
+def _lookup(result: dict[str, Any], dotted: str) -> Any:
+    value: Any = result
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def _write_outputs(cfg: EvalConfig, result: dict[str, Any], markdown: str | None) -> None:
+    """``--json FILE``: the result, the markdown table beside it, and the resolved config."""
+    if not cfg.json_path:
+        return
+    path = Path(cfg.json_path)
+    atomic_write_text(path, json.dumps(result, indent=2, default=str) + "\n")
+    if markdown is not None:
+        atomic_write_text(path.with_suffix(".md"), markdown)
+    save_resolved_config(cfg, path.parent, name=f"{path.stem}.config.yaml")
+
+
+def print_result(result: dict[str, Any], file: Any = None) -> None:
+    """One line per metric, for the CLI (``file`` None: the current ``sys.stdout``)."""
+    file = file or sys.stdout
+    if "markdown" in result:
+        return  # run_compare already printed its table
+    print(f"model {result['model']} ({metrics.format_params(int(result['params']))} params), task {result['task']}",
+          file=file)
+    for key, value in (result.get("metrics") or {}).items():
+        print(f"  {key}: {_fmt(value)}", file=file)
+    for key, value in (result.get("agreement") or {}).items():
+        print(f"  {key}: {_fmt(value)}", file=file)

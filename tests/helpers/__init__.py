@@ -1,0 +1,1 @@
+"""Builders shared by the tests: toy identities, caches, hostile caches, training helpers."""
