@@ -26,32 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
-
-from pipeline.config import StrictModel, atomic_write_text, save_resolved_config
+from pipeline.config import atomic_write_text
+from pipeline.demo.config import DemoConfig, save_resolved_config
 from pipeline.errors import ConfigError
 
 # Marker that lets a re-run replace an earlier demo folder, and only a demo folder.
 _MARKER = "kdpipe-demo.json"
 _MODELS = ("teacher", "student-init", "student-ce", "student-kd")
 
-
-class DemoConfig(StrictModel):
-    """``kdpipe demo`` settings; ``quick`` shrinks everything for smoke tests."""
-
-    # ./kdpipe-demo: next to where the user runs it, easy to find and delete.
-    out: str = "./kdpipe-demo"
-    # auto: vLLM when installed (the production engine, ~40 s start-up on CPU), else HF.
-    backend: Literal["auto", "hf", "vllm"] = "auto"
-    # off: the full-size run (about 5 minutes on 2 cores); on: seconds, for tests.
-    quick: bool = False
-    # None = the size preset's value (full: 300 teacher steps, 200 student steps).
-    teacher_steps: int | None = Field(None, ge=1)
-    student_steps: int | None = Field(None, ge=1)
-    # 0: any fixed seed; the language, the data, both inits and the data order derive from it.
-    seed: int = 0
-    # on: a re-run replaces an earlier demo in --out (never a folder that is not a demo).
-    overwrite: bool = True
 
 
 @dataclass(frozen=True)
