@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.config import atomic_write_text
-from pipeline.demo.config import DemoConfig, save_resolved_config
+from pipeline.config import atomic_write_text, save_resolved_config
+from pipeline.demo.config import DemoConfig
 from pipeline.errors import ConfigError
 
 # Marker that lets a re-run replace an earlier demo folder, and only a demo folder.
