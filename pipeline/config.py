@@ -2,19 +2,27 @@
 
 Every command builds its config with :func:`resolve_config` and saves the resolved
 result into its output folder with :func:`save_resolved_config`, so a run can be
-repeated from the file alone (``--config out/config.yaml``).
+repeated from the file alone (``--config out/config.yaml``). :func:`config_command`
+turns a config model into a typer command with one flag per field, help text from
+each field's ``description``.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import tempfile
+import types
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
+import typer
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
 
 from pipeline.errors import ConfigError
 
@@ -27,12 +35,118 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
+# ----------------------------------------------------------------------------- flags from fields
+# A field's CLI declarations live on the field: Field(json_schema_extra=cli_flags("--json")).
+_CLI_KEY = "cli_flags"
+
+
+def cli_flags(*decls: str) -> dict[str, Any]:
+    """``json_schema_extra`` for a field whose flag differs from ``--field-name`` (bools: ``--x/--no-x``),
+    e.g. ``cli_flags("--teacher-generates/--reference-answers")``; no declarations = YAML-only."""
+    return {_CLI_KEY: list(decls)}
+
+
+# Fields with no sensible flag form (nested mappings); they are set in the --config YAML.
+YAML_ONLY: dict[str, Any] = cli_flags()
+
+
+def _unwrap_optional(annotation: Any) -> Any:
+    if get_origin(annotation) in (Union, types.UnionType):
+        inner = [a for a in get_args(annotation) if a is not type(None)]
+        return inner[0] if len(inner) == 1 else annotation
+    return annotation
+
+
+def option_type(annotation: Any) -> Any:
+    """The type typer parses for a field (pydantic then validates the value, naming the flag on error)."""
+    inner = _unwrap_optional(annotation)
+    if get_origin(inner) is Literal:
+        return type(get_args(inner)[0])
+    if get_origin(inner) is list:
+        return list[option_type(get_args(inner)[0])]
+    if inner in (bool, int, float, str):
+        return inner
+    raise TypeError(f"no flag type for {annotation!r}; mark the field json_schema_extra=YAML_ONLY")
+
+
+def field_flags(name: str, field: FieldInfo) -> list[str]:
+    """The option declarations of a field: its ``cli_flags``, else ``--name`` (``--name/--no-name`` for bools)."""
+    extra = field.json_schema_extra
+    if isinstance(extra, dict) and _CLI_KEY in extra:
+        return list(extra[_CLI_KEY])  # type: ignore[arg-type]
+    flag = "--" + name.replace("_", "-")
+    return [f"{flag}/--no-{flag[2:]}"] if option_type(field.annotation) is bool else [flag]
+
+
+def flag_name(model: type[BaseModel], name: str) -> str | None:
+    """The flag that sets field ``name`` (the first of its declarations), or None for YAML-only fields."""
+    field = model.model_fields.get(name)
+    decls = field_flags(name, field) if field is not None else ["--" + name.replace("_", "-")]
+    return decls[0].split("/")[0] if decls else None
+
+
+def _help_text(field: FieldInfo) -> str:
+    text = field.description or ""
+    inner = _unwrap_optional(field.annotation)
+    if get_origin(inner) is Literal:
+        text += " One of: " + ", ".join(str(c) for c in get_args(inner)) + "."
+    default = field.default
+    if default is not None and default is not PydanticUndefined:
+        shown = ("on" if default else "off") if isinstance(default, bool) else default
+        text += f" (default: {shown})"  # not [default: ...]: rich help would read that as markup
+    return text
+
+
+def config_parameters(model: type[BaseModel]) -> list[inspect.Parameter]:
+    """One keyword parameter per flag-able field of ``model``, each a typer option defaulting to None
+    (= not given, so a ``--config`` YAML value survives unless the flag is passed)."""
+    params = []
+    for name, field in model.model_fields.items():
+        decls = field_flags(name, field)
+        if not decls:
+            continue
+        option = typer.Option(None, *decls, help=_help_text(field), show_default=False)
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option,
+                                        annotation=option_type(field.annotation) | None))
+    return params
+
+
+CONFIG_PARAM = inspect.Parameter(
+    "config", inspect.Parameter.KEYWORD_ONLY, annotation=Path | None,
+    default=typer.Option(None, "--config", help="YAML with the same keys (dashes or underscores); "
+                                                "flags override it."))
+
+
+def config_command(model: type[ConfigT], run: Callable[..., None],
+                   extra_params: Sequence[inspect.Parameter] = ()) -> Callable[..., None]:
+    """A typer command: ``--config``, one flag per field of ``model``, then ``extra_params``
+    (flags that are not config fields, e.g. ``--json``). It resolves the config (YAML, then the
+    flags that were given) and calls ``run(cfg, **extras)``; ``run``'s docstring is the command's help."""
+    extra_names = [p.name for p in extra_params]
+
+    def command(**values: Any) -> None:
+        config_path = values.pop("config")
+        extras = {name: values.pop(name) for name in extra_names}
+        run(resolve_config(model, config_path, values), **extras)
+
+    command.__doc__ = run.__doc__
+    command.__name__ = run.__name__
+    command.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [CONFIG_PARAM, *config_parameters(model), *extra_params])
+    return command
+
+
+# ----------------------------------------------------------------------------- resolving
+def _format_validation_error(err: ValidationError, source: str, model: type[BaseModel]) -> str:
     parts = []
     for item in err.errors():
-        field = ".".join(str(p) for p in item["loc"]) or "<root>"
-        flag = "--" + field.replace("_", "-")
-        parts.append(f"{field} (flag {flag}): {item['msg']}")
+        loc = [str(p) for p in item["loc"]]
+        msg = item["msg"].removeprefix("Value error, ")
+        if not loc:  # a check across fields: its message names the flags itself
+            parts.append(msg)
+            continue
+        flag = flag_name(model, loc[0])
+        parts.append(f"{'.'.join(loc)} ({f'flag {flag}' if flag else 'YAML key only'}): {msg}")
     return f"invalid configuration from {source}: " + "; ".join(parts)
 
 
@@ -60,7 +174,7 @@ def resolve_config(
     try:
         return model.model_validate(values)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, source)) from None
+        raise ConfigError(_format_validation_error(exc, source, model)) from None
 
 
 def resolve_device(want: str, error: type[Exception] = ConfigError) -> str:

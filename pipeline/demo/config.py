@@ -6,22 +6,25 @@ from typing import Literal
 
 from pydantic import Field
 
-from pipeline.config import StrictModel
+from pipeline.config import StrictModel, cli_flags
 
 
 class DemoConfig(StrictModel):
     """``kdpipe demo`` settings; ``quick`` shrinks everything for smoke tests."""
 
-    # ./kdpipe-demo: next to where the user runs it, easy to find and delete.
-    out: str = "./kdpipe-demo"
-    # auto: vLLM when installed (the production engine, ~40 s start-up on CPU), else HF.
-    backend: Literal["auto", "hf", "vllm"] = "auto"
-    # off: the full-size run (about 5 minutes on 2 cores); on: seconds, for tests.
-    quick: bool = False
-    # None = the size preset's value (full: 300 teacher steps, 200 student steps).
-    teacher_steps: int | None = Field(None, ge=1)
-    student_steps: int | None = Field(None, ge=1)
-    # 0: any fixed seed; the language, the data, both inits and the data order derive from it.
-    seed: int = 0
-    # on: a re-run replaces an earlier demo in --out (never a folder that is not a demo).
-    overwrite: bool = True
+    out: str = Field("./kdpipe-demo", description="Report folder; next to where you run it, easy to find and "
+                                                  "delete.")
+    backend: Literal["auto", "hf", "vllm"] = Field(
+        "auto", description="Teacher engine of the dump; auto = vLLM when installed (the production engine, ~40 s "
+                            "start-up on CPU), else HF.")
+    quick: bool = Field(False, json_schema_extra=cli_flags("--quick/--full"),
+                        description="Tiny sizes (seconds) for smoke tests; default: the full run (about 5 minutes "
+                                    "on 2 cores).")
+    teacher_steps: int | None = Field(None, ge=1, description="Teacher training steps; default: the size "
+                                                              "preset's (full: 300).")
+    student_steps: int | None = Field(None, ge=1, description="Student training steps (both runs); default: the "
+                                                              "size preset's (full: 200).")
+    seed: int = Field(0, description="Seed of the language, the data, both inits and the data order; any fixed "
+                                     "value works.")
+    overwrite: bool = Field(True, description="Replace an earlier demo in --out (never a folder that is not a "
+                                              "demo).")

@@ -7,64 +7,96 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pipeline.config import StrictModel
+from pipeline.config import StrictModel, cli_flags
+from pipeline.dump.datasets import DatasetFormat
+from pipeline.dump.tasks import Task
 
 
 class DumpConfig(StrictModel):
     """Everything ``kdpipe dump-teacher`` needs; saved as ``config.yaml`` in the cache folder."""
 
     # What to run
-    teacher: str  # HF folder or hub name
-    tokenizer: str | None = None  # why None: the teacher's own tokenizer, which is what it was trained with
-    revision: str | None = None  # why None: the default branch / the folder as it is
-    backend: Literal["hf", "vllm"] = "hf"  # why hf: runs everywhere (CPU too) without extra packages
-    task: Literal["lm", "classification", "summarization", "reasoning"] = "lm"  # why lm: the plain KD case
-    out: str
+    teacher: str = Field(description="Teacher: HF model folder or hub name.")
+    tokenizer: str | None = Field(None, description="Tokenizer; default: the teacher's own, the one it was "
+                                                    "trained with.")
+    revision: str | None = Field(None, description="Teacher revision (hub branch/tag/commit); default: the "
+                                                   "default branch, or the folder as it is.")
+    backend: Literal["hf", "vllm"] = Field("hf", description="Teacher engine; hf runs everywhere (CPU too) "
+                                                              "without extra packages.")
+    task: Task = Field("lm", description="Task recipe; lm is the plain KD case.")
+    out: str = Field(description="Cache folder to write (or resume).")
 
     # Data
-    dataset: str
-    dataset_config: str | None = None  # why None: most datasets have a single config
-    split: str = "train"  # why train: distillation data is the training split
-    dataset_format: Literal["auto", "json", "parquet", "csv", "text", "sst2"] = "auto"  # why auto: by suffix/content
-    limit: int | None = Field(default=None, ge=1)  # why None: the whole split
-    text_field: str | None = None  # why None: the task's default (recipes.DEFAULT_TEXT_FIELD)
-    label_field: str | None = None  # why None: "label" for classification
-    response_field: str | None = None  # why None: summary.text / answer
-    fallback_field: str | None = None  # why None: info.article for summarization (news rows have no post)
-    template: str | None = None  # why None: the task's prompt template (recipes.DEFAULT_TEMPLATE)
-    chat_template: bool = False  # why off: base models have no chat template
-    pack: bool = True  # why packed: LM windows are full, no compute is spent on padding
-    max_length: int = Field(default=512, ge=2)  # why 512: fits small teachers' context; cut to the model's if larger
+    dataset: str = Field(description="Local file/folder or hub dataset name.")
+    dataset_config: str | None = Field(None, description="Hub dataset config; most datasets have a single one.")
+    split: str = Field("train", description="Dataset split; train, because distillation data is the training "
+                                            "split.")
+    dataset_format: DatasetFormat = Field("auto", description="Dataset file format; auto tells it by suffix or "
+                                                              "content.")
+    limit: int | None = Field(None, ge=1, description="Use only the first N rows; default: the whole split.")
+    text_field: str | None = Field(None, description="Text / document / question field; default: the task's "
+                                                     "(text, sentence, info.post, question).")
+    label_field: str | None = Field(None, description="Gold label field (classification); default: label.")
+    response_field: str | None = Field(None, description="Summary / answer field; default: summary.text "
+                                                         "(summarization), answer (reasoning).")
+    fallback_field: str | None = Field(None, description="Used when --text-field is empty; default: info.article "
+                                                         "for summarization (news rows have no post).")
+    template: str | None = Field(None, description="Prompt template with {text}; default: the task's template.")
+    chat_template: bool = Field(False, description="Wrap prompts in the tokenizer's chat template; off because "
+                                                   "base models have none.")
+    pack: bool = Field(True, description="LM: pack documents into full windows (no compute spent on padding).")
+    max_length: int = Field(512, ge=2, description="Tokens per row; 512 fits small teachers' context (cut to the "
+                                                   "model's if larger).")
 
     # Teacher output
-    encoding: Literal["topk", "sampled"] = "topk"  # why topk: exact top-k + tail, the smallest KL error per byte
-    top_k: int = Field(default=64, ge=1)  # why 64: the design's operating point (<=100 B/token)
-    num_draws: int = Field(default=32, ge=1, le=255)  # why 32: few unique ids per position keeps sampled caches small
-    teacher_generates: bool = False  # why off: reference answers are the default (sequence-level KD is opt-in)
-    max_new_tokens: int = Field(default=256, ge=1)  # why 256: a GSM8K solution fits comfortably
+    encoding: Literal["topk", "sampled"] = Field("topk", description="Cache encoding; topk (exact top-k + tail) "
+                                                                     "has the smallest KL error per byte.")
+    top_k: int = Field(64, ge=1, description="k of the top-k encoding; 64 is the design's operating point "
+                                             "(<=100 B/token).")
+    num_draws: int = Field(32, ge=1, le=255, description="Draws per position (sampled); 32 keeps few unique ids "
+                                                         "per position, so sampled caches stay small.")
+    teacher_generates: bool = Field(False, json_schema_extra=cli_flags("--teacher-generates/--reference-answers"),
+                                    description="Reasoning/summarization: the teacher writes the answers "
+                                                "(sequence-level KD, opt-in); default: reference answers.")
+    max_new_tokens: int = Field(256, ge=1, description="Answer length with --teacher-generates; 256 fits a GSM8K "
+                                                       "solution comfortably.")
 
     # Engine
-    batch_size: int = Field(default=8, ge=1)  # why 8: CPU-friendly; raise on GPUs
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # why float32: exact log-probs (use bf16 on GPU)
-    device: str = "auto"  # why auto: CUDA when visible, else CPU
-    attn_implementation: str | None = None  # why None: transformers' default (sdpa)
-    load_in_4bit: bool = False
-    load_in_8bit: bool = False
-    trust_remote_code: bool = False  # why off: never run a model repo's code unless asked
-    max_logprobs: int | None = Field(default=None, ge=1)  # why None: vLLM gets exactly --top-k
-    tensor_parallel_size: int = Field(default=1, ge=1)  # why 1: one GPU unless asked
-    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)  # why 0.9: vLLM's own default
-    enforce_eager: bool | None = None  # why None: eager on CPU (compile costs ~40 s), graphs on GPU
-    seed: int = 0  # why 0: any fixed value; sampled draws are seeded from (seed, unit)
+    batch_size: int = Field(8, ge=1, description="Rows per forward pass (hf); 8 is CPU-friendly, raise it on "
+                                                 "GPUs.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Teacher dtype; float32 gives exact log-probs (use bfloat16 on GPU).")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps (hf); auto = CUDA when visible, "
+                                            "else CPU.")
+    attn_implementation: str | None = Field(None, description="sdpa | eager | flash_attention_2 (hf); default: "
+                                                              "transformers' (sdpa).")
+    load_in_4bit: bool = Field(False, json_schema_extra=cli_flags("--load-in-4bit"),
+                               description="bitsandbytes 4-bit (hf, CUDA).")
+    load_in_8bit: bool = Field(False, json_schema_extra=cli_flags("--load-in-8bit"),
+                               description="bitsandbytes 8-bit (hf, CUDA).")
+    trust_remote_code: bool = Field(False, json_schema_extra=cli_flags("--trust-remote-code"),
+                                    description="Run the model repo's code; off: never unless asked.")
+    max_logprobs: int | None = Field(None, ge=1, description="vLLM max_logprobs; default: exactly --top-k.")
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM GPUs per teacher; one unless asked.")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vLLM GPU memory share; 0.9 is vLLM's "
+                                                                       "own default.")
+    enforce_eager: bool | None = Field(None, description="vLLM eager mode; default: eager on CPU (graph "
+                                                         "compilation costs ~40 s there), graphs on GPU.")
+    seed: int = Field(0, description="Seed of the sampled encoding; draws are seeded from (seed, unit), any "
+                                     "fixed value works.")
 
     # Work split and output
-    num_workers: int = Field(default=1, ge=1)
-    worker_index: int = Field(default=0, ge=0)
-    unit_rows: int = Field(default=256, ge=1)  # why 256: ~1 min of CPU work, so a crash loses little
-    overwrite: bool = False  # why off: never delete a cache unless asked
-    max_shard_rows: int | None = Field(default=None, ge=1)  # why None: the writer's default
-    max_shard_bytes: int | None = Field(default=None, ge=1)  # why None: the writer's default
-    progress: bool = True  # why on: a dump takes long; the bar shows tokens/s and ETA on stderr
+    num_workers: int = Field(1, ge=1, description="Workers splitting the dataset.")
+    worker_index: int = Field(0, ge=0, description="This worker, 0-based.")
+    unit_rows: int = Field(256, ge=1, description="Rows per work unit (resume granule); 256 is ~1 min of CPU "
+                                                  "work, so a crash loses little.")
+    overwrite: bool = Field(False, json_schema_extra=cli_flags("--overwrite"),
+                            description="Replace a cache already in --out; off: never delete a cache unless asked.")
+    max_shard_rows: int | None = Field(None, ge=1, description="Rows per shard at most; default: the writer's.")
+    max_shard_bytes: int | None = Field(None, ge=1, description="Raw bytes buffered per shard; default: the "
+                                                                "writer's.")
+    progress: bool = Field(True, description="Progress bar (tokens/s, ETA) on stderr; on, because a dump "
+                                             "takes long.")
 
     @field_validator("device")
     @classmethod
@@ -94,5 +126,3 @@ class DumpConfig(StrictModel):
                              "raise --max-logprobs or lower --top-k")
         return self
 
-
-# ----------------------------------------------------------------------------- pure helpers

@@ -6,52 +6,58 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pipeline.config import StrictModel
+from pipeline.config import StrictModel, cli_flags
+from pipeline.dump.datasets import DatasetFormat
+from pipeline.dump.tasks import Task
 
-Task = Literal["lm", "classification", "summarization", "reasoning"]
 GenerationBackend = Literal["auto", "hf", "vllm"]
+
 
 class EvalConfig(StrictModel):
     """One ``kdpipe eval`` run (YAML keys = flag names without dashes)."""
 
-    model: str | None = Field(None, description="HF folder or hub name of the model to evaluate")
-    task: Task = "lm"
-    dataset: str | None = Field(None, description="local file/folder or hub name (see pipeline.dump.datasets)")
-    dataset_config: str | None = None
-    dataset_format: Literal["auto", "json", "parquet", "csv", "text", "sst2"] = "auto"
-    # "validation" is the held-out split of wikitext, SST-2 and summarize_from_feedback;
-    # GSM8K has only train/test, so pass --split test there.
-    split: str = "validation"
-    # None = the whole split; a number keeps the first N rows (quick checks, CI).
-    limit: int | None = Field(None, ge=1)
-    # None = the recipe's default field for the task (text / sentence / info.post / question ...).
-    text_field: str | None = None
-    label_field: str | None = None
-    response_field: str | None = None
-    template: str | None = None
-    chat_template: bool = False
-    # 512 tokens: the dump's default window, so LM numbers are comparable with the cache's rows.
-    max_length: int = Field(512, ge=2)
-    # 8 rows per forward pass: fits a 7B model's activations at 512 tokens on one GPU and
-    # keeps CPU runs responsive.
-    batch_size: int = Field(8, ge=1)
-    # 128 new tokens: enough for a TL;DR summary and for most GSM8K answers' final line.
-    max_new_tokens: int = Field(128, ge=1)
-    # auto: vLLM when it is installed and a GPU is present (large models), else HF generate
-    # (vLLM's start-up costs more than a small CPU eval takes).
-    generation_backend: GenerationBackend = "auto"
-    # auto: the first CUDA device when there is one, else CPU.
-    device: str = "auto"
-    # float32 by default: exact numbers on CPU; pass bfloat16 for large models on GPU.
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    teacher: str | None = Field(None, description="teacher model for agreement metrics")
-    cache: str | None = Field(None, description="teacher cache (path or URL) for agreement metrics")
-    json_path: str | None = Field(None, description="write the result as JSON here (flag --json)")
-    # Entries "NAME=PATH" or "PATH": a model folder/name, or an earlier --json result file.
-    compare: list[str] | None = None
-    trust_remote_code: bool = False
-    # 0: reproducible greedy decoding needs no seed, but vLLM and dropout-free HF models take one.
-    seed: int = 0
+    model: str | None = Field(None, description="Model to evaluate: HF folder or hub name.")
+    task: Task = Field("lm", description="Task whose metrics to compute.")
+    dataset: str | None = Field(None, description="Local file/folder or hub dataset name.")
+    dataset_config: str | None = Field(None, description="Hub dataset config.")
+    dataset_format: DatasetFormat = Field("auto", description="Dataset file format; auto tells it by suffix or "
+                                                              "content.")
+    split: str = Field("validation", description="Dataset split; validation is the held-out split of wikitext, "
+                                                 "SST-2 and summarize_from_feedback (GSM8K: pass --split test).")
+    limit: int | None = Field(None, ge=1, description="Use only the first N rows (quick checks, CI); default: the "
+                                                      "whole split.")
+    text_field: str | None = Field(None, description="Text / document / question field; default: the task's "
+                                                     "(text, sentence, info.post, question).")
+    label_field: str | None = Field(None, description="Gold label field (classification); default: label.")
+    response_field: str | None = Field(None, description="Reference summary / answer field; default: the "
+                                                         "task's.")
+    template: str | None = Field(None, description="Prompt template with {text}; default: the task's template.")
+    chat_template: bool = Field(False, description="Wrap prompts in the tokenizer's chat template; off because "
+                                                   "base models have none.")
+    max_length: int = Field(512, ge=2, description="Tokens per row; 512 is the dump's default window, so LM "
+                                                   "numbers are comparable with the cache's rows.")
+    batch_size: int = Field(8, ge=1, description="Rows per forward / generate call; 8 fits a 7B model's "
+                                                 "activations at 512 tokens on one GPU and keeps CPU runs "
+                                                 "responsive.")
+    max_new_tokens: int = Field(128, ge=1, description="Generated tokens per answer; 128 is enough for a TL;DR "
+                                                       "summary and most GSM8K answers' final line.")
+    generation_backend: GenerationBackend = Field(
+        "auto", description="auto: vLLM when installed and a GPU is present (large models), else HF generate "
+                            "(vLLM's start-up costs more than a small CPU eval takes).")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N; auto = the first CUDA device when there "
+                                            "is one, else CPU.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Model dtype; float32 gives exact numbers on CPU (bfloat16 for large models on GPU).")
+    teacher: str | None = Field(None, description="Teacher model: adds top-1 agreement and KL.")
+    cache: str | None = Field(None, description="Teacher cache (path or URL): agreement on the cache's rows.")
+    json_path: str | None = Field(None, json_schema_extra=cli_flags("--json"),
+                                  description="Write the result (and config) as JSON here.")
+    compare: list[str] | None = Field(None, description="NAME=PATH or PATH (a model, or an earlier --json result); "
+                                                        "repeat, or list after one flag.")
+    trust_remote_code: bool = Field(False, json_schema_extra=cli_flags("--trust-remote-code"),
+                                    description="Run the model repo's code; off: never unless asked.")
+    seed: int = Field(0, description="Seed for generation backends; greedy decoding needs none, but vLLM and "
+                                     "HF take one.")
 
     @field_validator("device")
     @classmethod

@@ -1,6 +1,7 @@
 """The configuration of ``kdpipe train-student`` (no torch import, so the CLI starts fast).
 
-Every default carries a comment saying why; :mod:`pipeline.train.trainer` re-exports :class:`TrainConfig`.
+Each field's description says what it sets and why its default is what it is (``--help`` shows it);
+:mod:`pipeline.train.trainer` re-exports :class:`TrainConfig`.
 """
 
 from __future__ import annotations
@@ -9,63 +10,92 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.config import StrictModel
+from pipeline.config import YAML_ONLY, StrictModel
 
 
 class TrainConfig(StrictModel):
     """Every setting of ``kdpipe train-student`` (flags override ``--config train.yaml``)."""
 
-    cache: str  # path or URL of the cache (see cache_format)
-    out: str  # output folder: final student, checkpoints/, tensorboard/, train_summary.json
-    student: str | None = None  # pretrained model path or hub name (or the model to shrink)
-    student_config: str | None = None  # config.json for a freshly initialised student
-    student_layers: int | None = Field(default=None, ge=1)  # None = keep every layer of --student
-    tokenizer: str | None = None  # None = the student's own tokenizer
-    allow_vocab_mismatch: bool = False  # False: the tokenizer must match the cache's fingerprint exactly
-    attn_implementation: str | None = None  # None = the transformers default (sdpa where available)
+    cache: str = Field(description="Cache folder or URL (s3://, gs://, hf://) written by `kdpipe dump-teacher`.")
+    out: str = Field(description="Output folder: the trained student, checkpoints/, tensorboard/, "
+                                 "train_summary.json.")
+    student: str | None = Field(None, description="Student: a model folder or hub name (with --student-layers: "
+                                                  "the model to shrink).")
+    student_config: str | None = Field(None, description="A config.json for a freshly initialised student "
+                                                         "(needs --tokenizer).")
+    student_layers: int | None = Field(None, ge=1, description="Copy --student with this many layers, every n-th "
+                                                               "layer copied (DistilBERT style); default: all.")
+    tokenizer: str | None = Field(None, description="Tokenizer folder or hub name; default: the student's own.")
+    allow_vocab_mismatch: bool = Field(False, description="Accept a tokenizer whose fingerprint differs from the "
+                                                          "cache's if ids fit; off: it must match exactly.")
+    attn_implementation: str | None = Field(None, description="Attention kernel: sdpa, eager, flash_attention_2; "
+                                                              "default: transformers' (sdpa where available).")
 
-    loss: Literal["fkl", "rkl", "jsd", "tvd"] = "fkl"  # forward KL: classic KD, valid for every cache kind
-    temperature: float = Field(default=1.0, gt=0)  # 1 = distill the cached distribution as is
-    alpha: float = Field(default=0.0, ge=0, le=1)  # hard-label CE weight; 0 = pure KD (the cache is the signal)
-    tail_bucket: bool = True  # the stored tail mass is a (k+1)-th bucket; False = renormalised top-k
-    jsd_beta: float = Field(default=0.5, gt=0, lt=1)  # 0.5 = the symmetric Jensen-Shannon divergence
-    loss_chunk_size: int = Field(default=1024, ge=1)  # positions per chunk: ~3 x chunk x V float32 at peak
+    loss: Literal["fkl", "rkl", "jsd", "tvd"] = Field(
+        "fkl", description="Divergence: forward KL (classic KD, valid for every cache kind), reverse KL, JSD, TVD.")
+    temperature: float = Field(1.0, gt=0, description="Distillation temperature T (bucket tempering, loss scaled "
+                                                      "by T^2); 1 distills the cached distribution as is.")
+    alpha: float = Field(0.0, ge=0, le=1, description="Weight of hard-label cross-entropy; loss = (1-alpha) KD + "
+                                                      "alpha CE; 0 = pure KD (the cache is the signal).")
+    tail_bucket: bool = Field(True, description="Use the cached tail mass as a (k+1)-th bucket; --no-tail-bucket "
+                                                "renormalises the top-k instead.")
+    jsd_beta: float = Field(0.5, gt=0, lt=1, description="JSD mixture weight beta; 0.5 is the symmetric "
+                                                         "Jensen-Shannon divergence.")
+    loss_chunk_size: int = Field(1024, ge=1, description="Target positions per chunk of the student "
+                                                         "log-softmax; peak memory is ~3 x chunk x V float32.")
 
-    max_steps: int | None = Field(default=None, ge=1)  # optimizer steps; exactly one of max_steps / epochs
-    epochs: float | None = Field(default=None, gt=0)  # passes over the training rows
-    batch_size: int = Field(default=8, ge=1)  # rows per micro-batch per rank; small enough for one GPU at 2k tokens
-    grad_accum: int = Field(default=1, ge=1)  # micro-batches per optimizer step
-    lr: float = Field(default=3e-4, gt=0)  # a common AdamW LR for small LMs
-    weight_decay: float = Field(default=0.0, ge=0)  # none by default: short distillation runs rarely need it
-    optimizer: Literal["adamw", "adamw_8bit"] = "adamw"  # adamw_8bit needs bitsandbytes (extra `gpu`)
-    lr_scheduler: Literal["constant", "linear", "cosine", "constant_with_warmup"] = "cosine"  # the usual for KD
-    warmup_steps: int = Field(default=0, ge=0)  # 0: the cache's soft targets make early steps stable
-    max_grad_norm: float | None = Field(default=1.0, gt=0)  # clipping at 1.0 as in most LM recipes; None = off
-    precision: Literal["fp32", "bf16"] = "fp32"  # fp32 is exact on CPU; bf16 autocast on GPUs
-    compile: bool = False  # torch.compile of the student's decoder (slow to start, faster steps on GPU)
-    gradient_checkpointing: bool = False  # trades compute for activation memory
-    lora_r: int = Field(default=0, ge=0)  # 0 = full fine-tuning; > 0 = LoRA rank via peft (extra `lora`)
-    lora_alpha: int = Field(default=16, ge=1)  # peft's usual scaling
-    lora_target_modules: list[str] | None = None  # None = peft's default for the architecture
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps (or use --epochs; exactly one).")
+    epochs: float | None = Field(None, gt=0, description="Passes over the training rows (or use --max-steps).")
+    batch_size: int = Field(8, ge=1, description="Rows per micro-batch per process; small enough for one GPU at "
+                                                 "2k tokens.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    lr: float = Field(3e-4, gt=0, description="Peak learning rate; a common AdamW LR for small LMs.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay; none, short distillation runs rarely "
+                                                       "need it.")
+    optimizer: Literal["adamw", "adamw_8bit"] = Field("adamw", description="adamw_8bit needs bitsandbytes "
+                                                                           "(extra `gpu`).")
+    lr_scheduler: Literal["constant", "linear", "cosine", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate schedule; cosine is the usual for KD.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps; 0, because the cache's soft targets make "
+                                                   "early steps stable.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; 1.0 as in most LM recipes "
+                                                               "(null in YAML = off).")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="fp32 is exact on CPU; bf16 autocast on GPUs.")
+    compile: bool = Field(False, description="torch.compile the student's decoder (slow to start, faster steps "
+                                             "on GPU).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory "
+                                                            "(trades compute for memory).")
+    lora_r: int = Field(0, ge=0, description="LoRA rank via peft (0 = full fine-tuning; needs the "
+                                             "`lora` extra of kdpipe).")
+    lora_alpha: int = Field(16, ge=1, description="LoRA scaling alpha; 16 is peft's usual.")
+    lora_target_modules: list[str] | None = Field(None, description="Module names LoRA adapts (repeat the flag); "
+                                                                    "default: peft's for the architecture.")
 
-    seed: int = 0  # model init, data order and dropout
-    shuffle_buffer: int = Field(default=256, ge=1)  # rows held for shuffling: bounded memory, decent mixing
-    num_workers: int = Field(default=0, ge=0)  # 0 = decode in the training process (no worker startup)
-    storage_options: dict[str, Any] | None = None  # fsspec options for remote caches
+    seed: int = Field(0, description="Seed for init, data order, dropout.")
+    shuffle_buffer: int = Field(256, ge=1, description="Rows in the shuffle buffer: bounded memory, decent "
+                                                       "mixing.")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes decoding the cache; 0 = decode in "
+                                                  "the training process (no worker startup).")
+    storage_options: dict[str, Any] | None = Field(None, json_schema_extra=YAML_ONLY,
+                                                   description="fsspec options for remote caches (YAML only).")
 
-    eval_rows: int = Field(default=32, ge=0)  # held-out rows (start of the last shard); 0 = no eval
-    eval_every: int = Field(default=200, ge=1)  # steps between evaluations
-    save_every: int = Field(default=200, ge=1)  # steps between checkpoints
-    keep_checkpoints: int = Field(default=2, ge=1)  # older ones are deleted; 2 survives a crash during saving
-    log_every: int = Field(default=10, ge=1)  # steps between TensorBoard points
-    tensorboard: bool = True  # cheap and local
-    wandb: bool = False  # needs the `wandb` extra; offline unless wandb_mode says otherwise
-    wandb_project: str = "kdpipe"  # W&B project name
-    wandb_mode: Literal["offline", "online", "disabled"] = "offline"  # never online unless asked
-    progress: bool = True  # tqdm bar on the main process
+    eval_rows: int = Field(32, ge=0, description="Held-out rows (start of the last shard) for evaluation; "
+                                                 "0 = none.")
+    eval_every: int = Field(200, ge=1, description="Steps between evaluations.")
+    save_every: int = Field(200, ge=1, description="Steps between checkpoints.")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept (older ones are deleted); 2 survives a "
+                                                       "crash during saving.")
+    log_every: int = Field(10, ge=1, description="Steps between TensorBoard points.")
+    tensorboard: bool = Field(True, description="Log to TensorBoard in --out (cheap and local).")
+    wandb: bool = Field(False, description="Also log to Weights & Biases (needs the `wandb` extra; offline unless "
+                                           "--wandb-mode online).")
+    wandb_project: str = Field("kdpipe", description="W&B project name.")
+    wandb_mode: Literal["offline", "online", "disabled"] = Field("offline", description="W&B mode; never online "
+                                                                                        "unless asked.")
+    progress: bool = Field(True, description="tqdm progress bar on the main process.")
 
-    resume: bool = False  # continue from the latest checkpoint in --out
-    overwrite: bool = False  # delete --out's contents (only after every check passed)
+    resume: bool = Field(False, description="Continue from the latest checkpoint in --out.")
+    overwrite: bool = Field(False, description="Replace --out's contents (only after every check passed).")
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
