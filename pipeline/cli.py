@@ -1,17 +1,27 @@
-"""The ``kdpipe`` command line.
+"""The ``kdpipe`` command line: the stage commands here, ``kdpipe cache ...`` in :mod:`pipeline.cli_cache`.
 
-Each stage registers its commands from its own ``cli_*`` module, which imports torch and
-friends only inside the command bodies so ``kdpipe --help`` and ``kdpipe cache ...`` stay fast.
+Each stage command's flags are generated from its config model (:func:`pipeline.config.config_command`),
+so flags, ``--config`` YAML keys and the saved resolved config never drift apart. The command bodies
+import torch and friends only when they run, so ``kdpipe --help`` and ``kdpipe cache ...`` stay fast.
 """
 
 from __future__ import annotations
 
+import inspect
+import json
 import sys
+from pathlib import Path
 
 import typer
 
 from cache_format.errors import CacheError
-from pipeline.errors import KdpipeError
+from pipeline import cli_cache
+from pipeline.config import config_command
+from pipeline.demo.config import DemoConfig
+from pipeline.dump.config import DumpConfig
+from pipeline.errors import ConfigError, KdpipeError
+from pipeline.eval.config import EvalConfig
+from pipeline.train.config import TrainConfig
 
 app = typer.Typer(
     name="kdpipe",
@@ -22,17 +32,68 @@ app = typer.Typer(
 )
 
 
-def _register_commands() -> None:
-    # Imported here so a broken optional stage names itself instead of breaking the whole CLI.
-    from pipeline import cli_cache, cli_dump, cli_eval, cli_train
+def dump_teacher(cfg: DumpConfig, json_out: Path | None) -> None:
+    """Stage 1: run the teacher over a dataset and write its distributions into a cache."""
+    from pipeline.dump.run import format_summary, run_dump
 
-    for module in (cli_cache, cli_dump, cli_train, cli_eval):
-        module.register(app)
+    summary = run_dump(cfg)
+    typer.echo(format_summary(summary))
+    if json_out is not None:
+        json_out.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def train_student(cfg: TrainConfig) -> None:
+    """Train a student from a cache with a sparse KD loss (DDP/FSDP via torchrun or accelerate launch)."""
+    from pipeline.train.trainer import run_train
+
+    summary = run_train(cfg)
+    if summary:  # empty on the non-main ranks of a distributed run
+        keys = ("steps", "first_loss", "final_loss", "tokens_seen", "wall_s", "tokens_per_s")
+        typer.echo(json.dumps({k: summary.get(k) for k in keys}))
+        typer.echo(f"student saved to {cfg.out}")
+
+
+def eval_command(cfg: EvalConfig, extra: list[str] | None) -> None:
+    """Score a model with the seed project's metrics, or several side by side with --compare."""
+    from pipeline.eval.run import print_result, run_eval
+
+    if extra:  # `--compare A B C`: click binds A to the flag, B and C arrive as arguments
+        if not cfg.compare:
+            raise ConfigError(f"unexpected arguments {' '.join(extra)}; models to compare go after --compare")
+        cfg.compare = [*cfg.compare, *extra]
+    print_result(run_eval(cfg))
+
+
+def demo_command(cfg: DemoConfig) -> None:
+    """Run the whole pipeline offline on a synthetic language: teacher, cache, KD and CE students, report."""
+    from pipeline.demo.run import run_demo
+
+    typer.echo(run_demo(cfg)["table"])
+
+
+def _keyword(name: str, annotation: object, default: object) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+
+
+JSON_SUMMARY = _keyword("json_out", Path | None,
+                        typer.Option(None, "--json", help="Also write the summary to this JSON file."))
+COMPARE_ARGUMENTS = _keyword("extra", list[str] | None, typer.Argument(
+    None, help="More --compare entries (kdpipe eval --compare A B C).", show_default=False))
+
+
+def register_commands() -> None:
+    if app.registered_commands:  # main() runs many times in one test process
+        return
+    cli_cache.register(app)
+    app.command("dump-teacher")(config_command(DumpConfig, dump_teacher, [JSON_SUMMARY]))
+    app.command("train-student")(config_command(TrainConfig, train_student))
+    app.command("eval")(config_command(EvalConfig, eval_command, [COMPARE_ARGUMENTS]))
+    app.command("demo")(config_command(DemoConfig, demo_command))
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors become one ``error:`` line and exit code 2."""
-    _register_commands()
+    register_commands()
     try:
         app(args=argv, prog_name="kdpipe")
     except (KdpipeError, CacheError) as exc:
