@@ -7,7 +7,7 @@ are imported inside the functions: importing this module stays cheap for the CLI
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -45,43 +45,34 @@ def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return value
 
 
-def load_tokenizer(
-    name: str,
-    *,
-    revision: str | None = None,
-    trust_remote_code: bool = False,
-    error: type[Exception] = ModelError,
-    what: str = "--tokenizer",
-) -> Any:
+def load_tokenizer(name: str, *, revision: str | None = None, trust_remote_code: bool = False,
+                   error: type[Exception] = ModelError, what: str = "--tokenizer") -> Any:
     """``AutoTokenizer.from_pretrained(name)``; a failure raises ``error`` naming ``what`` (the flag)."""
     from transformers import AutoTokenizer
 
-    try:
-        return AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
-    except _LOAD_ERRORS as exc:
-        raise error(
-            f"cannot load a tokenizer from {name} ({what}): {first_line(exc)}; "
-            f"pass a tokenizer folder or hub name to {what}"
-        ) from None
+    return _load_or_raise(
+        lambda: AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code),
+        error, f"cannot load a tokenizer from {name} ({what})", f"pass a tokenizer folder or hub name to {what}",
+    )
 
 
-def load_config(
-    name: str,
-    *,
-    revision: str | None = None,
-    trust_remote_code: bool = False,
-    error: type[Exception] = ModelError,
-    what: str = "--model",
-) -> Any:
+def load_config(name: str, *, revision: str | None = None, trust_remote_code: bool = False,
+                error: type[Exception] = ModelError, what: str = "--model") -> Any:
     """``AutoConfig.from_pretrained(name)`` (a folder, its ``config.json``, or a hub name), errors as above."""
     from transformers import AutoConfig
 
+    return _load_or_raise(
+        lambda: AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code),
+        error, f"cannot read the model config of {name} ({what})", f"{_HF_HINT} {what}",
+    )
+
+
+def _load_or_raise(load: Callable[[], Any], error: type[Exception], failed: str, fix: str) -> Any:
+    """``load()``; a load error becomes ``error("<failed>: <its first line>; <fix>")``."""
     try:
-        return AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+        return load()
     except _LOAD_ERRORS as exc:
-        raise error(
-            f"cannot read the model config of {name} ({what}): {first_line(exc)}; {_HF_HINT} {what}"
-        ) from None
+        raise error(f"{failed}: {first_line(exc)}; {fix}") from None
 
 
 def model_class(kind: ModelKind) -> Any:

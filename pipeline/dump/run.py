@@ -15,6 +15,10 @@ worker ``j % num_workers``. A unit is the resume granule (the writer journals it
 numbers do not depend on which worker runs it, and N workers + merge equal one worker).
 Encoding and writing run on the writer's background thread while the next unit's forward pass
 runs, so the teacher never waits for compression or the disk.
+
+The resolved config goes into the manifest's ``identity.run`` and, re-loadable with ``--config``,
+beside the cache as ``<out>.config.yaml`` (:func:`config_path`); the cache folder holds only
+what SPEC §1 lists.
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ def _import_vllm() -> Any:
     try:
         import vllm
     except ImportError as exc:
-        raise BackendError(f"{_INSTALL_HINT} ({exc})") from None
+        raise BackendError(f"{_INSTALL_HINT} ({first_line(exc)})") from None
     return vllm
 
 
