@@ -28,7 +28,15 @@ from pipeline.errors import ConfigError, DatasetError, ModelError
 from pipeline.eval import metrics
 from pipeline.eval.compare import format_value, run_compare, write_outputs
 from pipeline.eval.config import EvalConfig
-from pipeline.hf_io import greedy_generate, load_config, load_model, load_tokenizer, model_class, pad
+from pipeline.hf_io import (
+    greedy_generate,
+    load_config,
+    load_model,
+    load_tokenizer,
+    model_class,
+    pad,
+    torch_dtype,
+)
 
 # --------------------------------------------------------------------------- entry point
 
@@ -87,7 +95,7 @@ def _setup_runtime(cfg: EvalConfig) -> Runtime:
 
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    return Runtime(device=device, dtype=getattr(torch, cfg.dtype))
+    return Runtime(device=device, dtype=torch_dtype(cfg.dtype))
 
 
 def _setup_model(cfg: EvalConfig, runtime: Runtime) -> tuple[Any, Any, int]:
