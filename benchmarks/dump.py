@@ -78,14 +78,18 @@ def _baseline(backend: Any, examples: list[Any], unit_rows: int, k: int) -> floa
 
 
 def _bench_backend(name: str, teacher: Path, data: Path, args: argparse.Namespace, limit: int) -> dict[str, Any]:
-    from transformers import AutoTokenizer
-
-    from pipeline.dump.run import _setup_backend, _setup_examples, _setup_model_info, run_dump
+    from pipeline.dump.run import (
+        _setup_backend,
+        _setup_examples,
+        _setup_model_info,
+        _setup_tokenizer,
+        run_dump,
+    )
 
     work = Path(tempfile.mkdtemp(prefix=f"kdpipe-bench-dump-{name}-"))
     try:
         cfg = _dump_config(teacher, data, work / "cache", name, args, limit)
-        tok = AutoTokenizer.from_pretrained(str(teacher))
+        tok = _setup_tokenizer(cfg)
         info = _setup_model_info(cfg)
         _, recipe, _ = _setup_examples(cfg, tok, info, cfg.max_length)
         examples = recipe.examples

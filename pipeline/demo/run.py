@@ -214,12 +214,11 @@ def _step_teacher(state: DemoState, seed: int) -> None:
 
 def _step_student_init(state: DemoState, seed: int) -> None:
     """One randomly initialised student; both training runs start from exactly these weights."""
-    from transformers import AutoTokenizer
-
     from pipeline.demo.toy import build_llama
+    from pipeline.hf_io import load_tokenizer
 
     s = state.sizes
-    tok = AutoTokenizer.from_pretrained(str(state.paths["teacher"]))
+    tok = load_tokenizer(str(state.paths["teacher"]))
     out = state.out / "student-init"
     build_llama(len(tok), hidden_size=s.student_hidden, num_layers=s.student_layers, tokenizer=tok,
                 max_position_embeddings=max(128, 2 * s.seq_len), seed=seed + 1, out_dir=out)
@@ -261,7 +260,8 @@ def _step_train(state: DemoState, kind: Literal["kd", "ce"], seed: int) -> None:
 
 def _step_eval(state: DemoState) -> None:
     """Each model on the held-out text (agreement against the teacher), then one compare table."""
-    from pipeline.eval.run import EvalConfig, evaluate_model, run_compare
+    from pipeline.eval.compare import run_compare
+    from pipeline.eval.run import EvalConfig, evaluate_model
 
     eval_dir = state.out / "eval"
     base = {"task": "lm", "dataset": str(state.paths["valid"]), "max_length": state.sizes.seq_len,
@@ -282,6 +282,12 @@ def _step_plots(state: DemoState) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display on servers and CI
+    _plot_losses(state)
+    _plot_metrics(state)
+
+
+def _plot_losses(state: DemoState) -> None:
+    """loss_curves.png: the teacher's training loss, then both students' own loss and KL to the teacher."""
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
@@ -303,13 +309,20 @@ def _step_plots(state: DemoState) -> None:
     fig.savefig(state.out / "loss_curves.png", dpi=110)
     plt.close(fig)
 
+
+def _plot_metrics(state: DemoState) -> None:
+    """metrics.png: one bar chart per held-out metric, a bar per model."""
+    import matplotlib.pyplot as plt
+
+    from pipeline.eval.compare import lookup
+
     cols = state.facts["compare"]["columns"]
     shown = [("metrics.perplexity", "held-out perplexity (lower is better)"),
              ("metrics.acc@1", "next-token acc@1"), ("metrics.acc@5", "next-token acc@5"),
              ("agreement.kl_to_teacher", "KL to teacher (lower is better)")]
     fig, axes = plt.subplots(1, len(shown), figsize=(4 * len(shown), 4))
     for ax, (key, title) in zip(axes, shown, strict=True):
-        values = [_lookup(c, key) or 0.0 for c in cols]
+        values = [lookup(c, key) or 0.0 for c in cols]
         bars = ax.bar([c["name"] for c in cols], values, color=["black", "gray", "tab:orange", "tab:blue"])
         ax.bar_label(bars, fmt="%.3g")
         if key == "metrics.perplexity":
@@ -319,13 +332,6 @@ def _step_plots(state: DemoState) -> None:
     fig.tight_layout()
     fig.savefig(state.out / "metrics.png", dpi=110)
     plt.close(fig)
-
-
-def _lookup(result: dict[str, Any], dotted: str) -> Any:
-    value: Any = result
-    for part in dotted.split("."):
-        value = value.get(part) if isinstance(value, dict) else None
-    return value
 
 
 # --------------------------------------------------------------------------- report
@@ -367,7 +373,7 @@ def _commands(state: DemoState) -> str:
     return "\n".join([
         f"# everything (this report): kdpipe demo --out {o}",
         "# 1-2. synthetic data and teacher: done by kdpipe demo itself (pipeline/demo/run.py _step_data, _step_teacher)",
-        f"kdpipe dump-teacher --config {o / 'cache' / 'config.yaml'} --overwrite",
+        f"kdpipe dump-teacher --config {o / 'cache.config.yaml'} --overwrite",
         f"kdpipe train-student --config {o / 'student-kd' / 'train_config.yaml'} --overwrite",
         f"kdpipe train-student --config {o / 'student-ce' / 'train_config.yaml'} --overwrite",
         f"kdpipe eval --compare {names} --task lm --dataset {state.paths['valid']} "

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.errors import DatasetError
+from pipeline.hf_io import first_line
 
 DatasetFormat = Literal["auto", "json", "parquet", "csv", "text", "sst2"]
 
@@ -183,7 +184,7 @@ def _read_parquet(path: Path) -> dict[str, list[Any]]:
     try:
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises several types for a bad file
-        raise DatasetError(f"dataset file {path} is not a readable Parquet file: {exc}") from None
+        raise DatasetError(f"dataset file {path} is not a readable Parquet file: {first_line(exc)}") from None
     return _records_to_columns(table.to_pylist())
 
 
@@ -276,14 +277,14 @@ def _load_hub(name: str, config: str | None, split: str, limit: int | None) -> L
         ds = datasets.load_dataset(name, config, split=split)
     except FileNotFoundError as exc:
         raise DatasetError(
-            f"dataset {name} is neither a local path nor loadable from the hub ({exc}); pass an existing "
+            f"dataset {name} is neither a local path nor loadable from the hub ({first_line(exc)}); pass an existing "
             "file or folder to --dataset, or a hub name reachable from here"
         ) from None
     except ValueError as exc:
-        raise DatasetError(f"dataset {source} cannot be loaded: {exc}; check --dataset-config and --split") from None
+        raise DatasetError(f"dataset {source} cannot be loaded: {first_line(exc)}; check --dataset-config and --split") from None
     except Exception as exc:  # network, auth, builder errors: all mean the same to the user
         raise DatasetError(
-            f"dataset {source} cannot be loaded ({type(exc).__name__}: {exc}); check the name, "
+            f"dataset {source} cannot be loaded ({type(exc).__name__}: {first_line(exc)}); check the name, "
             "--dataset-config and --split, or pass a local file"
         ) from None
     return _from_hf(ds, source, name, config, split, limit)

@@ -15,6 +15,10 @@ worker ``j % num_workers``. A unit is the resume granule (the writer journals it
 numbers do not depend on which worker runs it, and N workers + merge equal one worker).
 Encoding and writing run on the writer's background thread while the next unit's forward pass
 runs, so the teacher never waits for compression or the disk.
+
+The resolved config goes into the manifest's ``identity.run`` and, re-loadable with ``--config``,
+beside the cache as ``<out>.config.yaml`` (:func:`config_path`); the cache folder holds only
+what SPEC §1 lists.
 """
 
 from __future__ import annotations
@@ -29,8 +33,11 @@ from typing import Any, Literal
 
 import numpy as np
 
+from cache_format import CacheIdentity
 from pipeline.config import save_resolved_config
 from pipeline.dump.config import DumpConfig
+from pipeline.dump.summary import build_summary
+from pipeline.dump.summary import format_summary as format_summary  # re-exported for the CLI
 from pipeline.dump.tasks import (
     Example,
     RecipeConfig,
@@ -39,6 +46,7 @@ from pipeline.dump.tasks import (
     make_prompt_response_example,
 )
 from pipeline.errors import ConfigError, DatasetError, ModelError
+from pipeline.hf_io import first_line, load_config, load_tokenizer
 
 
 def unit_slices(n_rows: int, unit_rows: int) -> list[tuple[int, int]]:
@@ -63,48 +71,58 @@ def unit_seed(seed: int, unit: int) -> int:
 class _Output:
     path: Path
     mode: Literal["create", "overwrite", "resume"]
-    previous: dict[str, Any] | None  # the stored identity of the cache being resumed
+    previous: CacheIdentity | None  # the stored identity of the cache being resumed
+
+
+def _read_identity(path: str | Path, storage_options: dict[str, Any] | None = None) -> CacheIdentity | None:
+    """Stand-in for ``cache_format.read_identity`` (same signature; delete this once that exists).
+
+    The identity from ``manifest.json``, else from the writer's unfinished-cache marker; None for
+    an absent or empty folder; ``ManifestError`` (a ``CacheError``) for an unreadable one.
+    """
+    from cache_format.errors import ManifestError
+    from cache_format.manifest import INCOMPLETE_MARKER, MANIFEST_NAME
+
+    del storage_options  # local folders only here
+    folder = Path(path)
+    sources = [folder / name for name in (MANIFEST_NAME, INCOMPLETE_MARKER) if (folder / name).is_file()]
+    if not sources:
+        return None
+    try:
+        stored = json.loads(sources[0].read_text())["identity"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ManifestError(f"{sources[0]} holds no readable identity ({first_line(exc)})") from None
+    return CacheIdentity.from_dict(stored, str(sources[0]))
 
 
 def _setup_output(cfg: DumpConfig) -> _Output:
+    from cache_format.errors import CacheError
     from cache_format.manifest import INCOMPLETE_MARKER, MANIFEST_NAME
 
     path = Path(cfg.out).expanduser()
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--out {path} exists and is not a folder; choose a folder path")
     entries = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
-    is_cache = MANIFEST_NAME in entries or INCOMPLETE_MARKER in entries
-    if entries and not is_cache:
+    if not entries:
+        return _Output(path, "create", None)
+    if MANIFEST_NAME not in entries and INCOMPLETE_MARKER not in entries:
         raise ConfigError(
             f"--out {path} is not empty and holds no kdpipe cache; choose an empty or new folder"
         )
-    if not entries:
-        return _Output(path, "create", None)
     if cfg.overwrite:
-        # The writer refuses files it does not know; our own config.yaml is one of them.
-        (path / "config.yaml").unlink(missing_ok=True)
         return _Output(path, "overwrite", None)
-    source = path / (MANIFEST_NAME if MANIFEST_NAME in entries else INCOMPLETE_MARKER)
     try:
-        stored = json.loads(source.read_text())["identity"]
-    except (OSError, ValueError, KeyError, TypeError):
+        stored = _read_identity(path)
+    except CacheError as exc:
         raise ConfigError(
-            f"--out {path} holds a cache whose {source.name} is unreadable; pass --overwrite to replace it"
+            f"--out {path} holds a cache this version cannot read ({first_line(exc)}); pass --overwrite to replace it"
         ) from None
     return _Output(path, "resume", stored)
 
 
 def _setup_tokenizer(cfg: DumpConfig) -> Any:
-    from transformers import AutoTokenizer
-
-    name = cfg.tokenizer or cfg.teacher
-    flag = "--tokenizer" if cfg.tokenizer else "--teacher"
-    try:
-        tok = AutoTokenizer.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError) as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"cannot load a tokenizer from {name} ({flag}): {msg}") from None
-    return tok
+    return load_tokenizer(cfg.tokenizer or cfg.teacher, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
+                          what="--tokenizer" if cfg.tokenizer else "--teacher")
 
 
 @dataclass
@@ -117,16 +135,10 @@ class _ModelInfo:
 
 
 def _setup_model_info(cfg: DumpConfig) -> _ModelInfo:
-    from transformers import AutoConfig
-
     from pipeline.dump.teachers import check_teacher_path
 
     check_teacher_path(cfg.teacher)
-    try:
-        mc = AutoConfig.from_pretrained(cfg.teacher, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError) as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"cannot read the config of teacher {cfg.teacher} (--teacher): {msg}") from None
+    mc = load_config(cfg.teacher, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, what="--teacher")
     text_cfg = mc.get_text_config() if hasattr(mc, "get_text_config") else mc
     vocab = int(getattr(text_cfg, "vocab_size", 0) or 0)
     ctx = getattr(text_cfg, "max_position_embeddings", None)
@@ -232,7 +244,6 @@ def _teacher_identity(cfg: DumpConfig, info: _ModelInfo) -> dict[str, Any]:
 
 
 def _setup_identity(cfg: DumpConfig, tok: Any, info: _ModelInfo, ds: Any, rcfg: RecipeConfig, max_length: int) -> Any:
-    from cache_format import CacheIdentity
     from cache_format.identity import tokenizer_fingerprint
 
     recipe = rcfg.identity()
@@ -257,15 +268,9 @@ def _setup_identity(cfg: DumpConfig, tok: Any, info: _ModelInfo, ds: Any, rcfg: 
 
 def _check_resume(cfg: DumpConfig, out: _Output, identity: Any) -> None:
     """Refuse to resume into a cache made with other settings, naming the first ones that differ."""
-    from cache_format import CacheIdentity
-    from cache_format.errors import CacheError
-
     if out.mode != "resume" or out.previous is None:
         return
-    try:
-        stored = CacheIdentity.from_dict(out.previous, str(out.path))
-    except CacheError as exc:
-        raise ConfigError(f"--out {out.path} holds a cache this version cannot read ({exc}); pass --overwrite") from None
+    stored = out.previous
     diffs = stored.diff(identity)
     prev_worker = (stored.run or {}).get("worker_index")
     if prev_worker is not None and prev_worker != cfg.worker_index:
@@ -376,58 +381,20 @@ def _run_units(cfg: DumpConfig, backend: Any, writer: Any, examples: list[Exampl
             "units_done": len(todo), "tokens_this_run": tokens, "handoff_s": handoff_s}
 
 
-def _summary(manifest: dict[str, Any], loop: dict[str, Any], timing: dict[str, float], writer_stats: dict[str, Any],
-             wall: float, setup_s: float, counts: dict[str, int], out: Path) -> dict[str, Any]:
-    totals = manifest.get("totals", {})
-    positions = int(totals.get("positions", 0))
-    rows = int(totals.get("rows", 0))
-    tokens_run = loop["tokens_this_run"]
-    teacher_s = timing["teacher_s"]
-    outside = max(0.0, wall - teacher_s)
-    return {
-        "out": str(out),
-        "rows": rows,
-        "tokens": int(totals.get("tokens", 0)),
-        "positions": positions,
-        "bytes": int(totals.get("bytes", 0)),
-        "bytes_per_token": (int(totals.get("bytes", 0)) / positions) if positions else None,
-        "bytes_per_row": (int(totals.get("bytes", 0)) / rows) if rows else None,
-        "shards": int(totals.get("shards", 0)),
-        **loop,
-        "truncated": counts.get("truncated", 0),
-        "split_documents": counts.get("split_documents", 0),
-        "skipped_rows": counts.get("skipped", 0),
-        "setup_s": setup_s,
-        "wall_s": wall,
-        "tokens_per_s": tokens_run / wall if wall > 0 else None,
-        "teacher_s": teacher_s,
-        "convert_s": timing["convert_s"],
-        "writer_blocked_s": float(writer_stats.get("blocked_s", 0.0)),
-        "encode_s": float(writer_stats.get("encode_s", 0.0)),
-        "write_s": float(writer_stats.get("write_s", 0.0)),
-        "teacher_share": teacher_s / wall if wall > 0 else None,
-        "outside_teacher_share": outside / wall if wall > 0 else None,
-    }
+def config_path(out: str | Path) -> Path:
+    """``<out>.config.yaml``: the dump's resolved config, saved beside the cache folder.
+
+    Not inside it: SPEC §1 lists every file a cache folder holds. The manifest's ``identity.run``
+    records the same values; this file is the one ``kdpipe dump-teacher --config`` reruns from.
+    """
+    folder = Path(out).expanduser().resolve()
+    return folder.with_name(folder.name + ".config.yaml")
 
 
-def format_summary(s: dict[str, Any]) -> str:
-    """A few human lines for the end of a dump."""
-    def f(v: Any, spec: str = ".3g") -> str:
-        return "-" if v is None else format(v, spec)
-
-    return "\n".join([
-        f"cache: {s['out']}  rows {s['rows']}  tokens {s['tokens']}  target positions {s['positions']}  "
-        f"shards {s['shards']}  bytes {s['bytes']} ({f(s['bytes_per_token'], '.1f')} B/position)",
-        f"this run: {s['units_done']} units ({s['units_resumed']} already done), {s['tokens_this_run']} tokens in "
-        f"{f(s['wall_s'], '.2f')} s = {f(s['tokens_per_s'], '.0f')} tokens/s; setup {f(s['setup_s'], '.1f')} s",
-        f"time: teacher {f(s['teacher_s'], '.2f')} s ({f((s['teacher_share'] or 0) * 100, '.1f')}%), conversion "
-        f"{f(s['convert_s'], '.3f')} s, waiting on writer {f(s['writer_blocked_s'], '.3f')} s, encode+write "
-        f"{f(s['encode_s'] + s['write_s'], '.3f')} s (background, overlapped), final flush "
-        f"{f(s['finalize_s'], '.3f')} s; outside teacher "
-        f"{f((s['outside_teacher_share'] or 0) * 100, '.1f')}%",
-        f"rows truncated {s['truncated']}, documents split across windows {s['split_documents']}, "
-        f"rows skipped (nothing to predict) {s['skipped_rows']}",
-    ])
+def _save_config(cfg: DumpConfig, out: Path) -> None:
+    # Saved without --overwrite: rerunning from this file must resume, never wipe the cache.
+    path = config_path(out)
+    save_resolved_config(cfg.model_copy(update={"overwrite": False}), path.parent, name=path.name)
 
 
 def run_dump(cfg: DumpConfig, backend: Any = None) -> dict[str, Any]:
@@ -461,8 +428,7 @@ def run_dump(cfg: DumpConfig, backend: Any = None) -> dict[str, Any]:
     try:
         t0 = time.perf_counter()
         with CacheWriter(out.path, identity, mode=out.mode, **writer_kwargs) as writer:
-            # Saved without --overwrite: rerunning from this file must resume, never wipe the cache.
-            save_resolved_config(cfg.model_copy(update={"overwrite": False}), out.path)
+            _save_config(cfg, out.path)
             loop = _run_units(cfg, backend, writer, recipe.examples, tok, max_length, counts)
             t_fin = time.perf_counter()
             manifest = writer.finalize()  # waits for the last unit's encode+write: the only part not overlapped
@@ -472,5 +438,4 @@ def run_dump(cfg: DumpConfig, backend: Any = None) -> dict[str, Any]:
     finally:
         if own_backend:
             backend.close()
-    summary = _summary(manifest, loop, backend.timing.as_dict(), stats, wall, setup_s, counts, out.path)
-    return summary
+    return build_summary(manifest, loop, backend.timing.as_dict(), stats, wall, setup_s, counts, out.path)

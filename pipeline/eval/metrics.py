@@ -20,9 +20,9 @@ import collections
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from decimal import Decimal, InvalidOperation
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 
@@ -50,23 +50,25 @@ def accuracy(predictions: Sequence[Any], labels: Sequence[Any]) -> float:
     return sum(int(p == t) for p, t in zip(predictions, labels, strict=True)) / len(labels)
 
 
+class _RunningSums:
+    """For dataclasses of sums: ``add`` adds every field of another batch's sums into this one."""
+
+    def add(self, other: Self) -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+
 # --------------------------------------------------------------------------- language modelling
 
 
 @dataclass
-class LMStats:
+class LMStats(_RunningSums):
     """Running sums for perplexity and next-token accuracy over scored tokens."""
 
     nll_sum: float = 0.0
     tokens: int = 0
     correct_top1: int = 0
     correct_top5: int = 0
-
-    def add(self, other: LMStats) -> None:
-        self.nll_sum += other.nll_sum
-        self.tokens += other.tokens
-        self.correct_top1 += other.correct_top1
-        self.correct_top5 += other.correct_top5
 
     def summary(self) -> dict[str, float]:
         return {
@@ -113,17 +115,12 @@ def lm_token_stats(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tenso
 
 
 @dataclass
-class AgreementStats:
+class AgreementStats(_RunningSums):
     """Running sums of top-1 agreement and KL(teacher || student) over compared positions."""
 
     positions: int = 0
     top1_agree: int = 0
     kl_sum: float = 0.0
-
-    def add(self, other: AgreementStats) -> None:
-        self.positions += other.positions
-        self.top1_agree += other.top1_agree
-        self.kl_sum += other.kl_sum
 
     def summary(self) -> dict[str, float]:
         n = self.positions

@@ -17,36 +17,26 @@ evaluates (or loads earlier ``--json`` results of) several models and prints one
 from __future__ import annotations
 
 import importlib.util
-import json
-import math
 import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from pipeline.config import atomic_write_text, resolve_device, save_resolved_config
+from pipeline.config import resolve_device
 from pipeline.errors import ConfigError, DatasetError, ModelError
 from pipeline.eval import metrics
+from pipeline.eval.compare import format_value, run_compare, write_outputs
 from pipeline.eval.config import EvalConfig
-
-# Metrics shown per task, in the seed table's order, and which way is better.
-TASK_METRICS: dict[str, tuple[str, ...]] = {
-    "lm": ("perplexity", "acc@1", "acc@5"),
-    "classification": ("accuracy",),
-    "summarization": ("bleu", "rouge1", "rouge2", "rougeL"),
-    "reasoning": ("exact_match",),
-}
-LOWER_IS_BETTER = {"perplexity", "kl_to_teacher"}
-TASK_TITLES = {
-    "lm": "LM, perplexity / acc@1 / acc@5",
-    "classification": "classification, accuracy",
-    "summarization": "summarization, BLEU / ROUGE-1 / ROUGE-2 / ROUGE-L",
-    "reasoning": "reasoning, exact match of the final number",
-}
-
-
+from pipeline.hf_io import (
+    greedy_generate,
+    load_config,
+    load_model,
+    load_tokenizer,
+    model_class,
+    pad,
+    torch_dtype,
+)
 
 # --------------------------------------------------------------------------- entry point
 
@@ -60,7 +50,7 @@ def run_eval(cfg: EvalConfig, engine: Any = None) -> dict[str, Any]:
     if cfg.compare:
         return run_compare(cfg)
     result = evaluate_model(cfg, engine)
-    _write_outputs(cfg, result, markdown=None)
+    write_outputs(cfg, result, markdown=None)
     return result
 
 
@@ -105,7 +95,7 @@ def _setup_runtime(cfg: EvalConfig) -> Runtime:
 
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    return Runtime(device=device, dtype=getattr(torch, cfg.dtype))
+    return Runtime(device=device, dtype=torch_dtype(cfg.dtype))
 
 
 def _setup_model(cfg: EvalConfig, runtime: Runtime) -> tuple[Any, Any, int]:
@@ -116,7 +106,7 @@ def _setup_model(cfg: EvalConfig, runtime: Runtime) -> tuple[Any, Any, int]:
     """
     assert cfg.model is not None
     if cfg.task in ("summarization", "reasoning") and _generation_backend(cfg, runtime) == "vllm":
-        tokenizer = _load_tokenizer(cfg.model, cfg.task, cfg.trust_remote_code)
+        tokenizer = _load_tokenizer(cfg.model, cfg.trust_remote_code, "--model")
         return None, tokenizer, _count_params_without_weights(cfg.model, cfg.trust_remote_code)
     model, tokenizer = _load_model(cfg.model, cfg.task, runtime, cfg.trust_remote_code)
     return model, tokenizer, metrics.count_parameters(model)
@@ -124,46 +114,29 @@ def _setup_model(cfg: EvalConfig, runtime: Runtime) -> tuple[Any, Any, int]:
 
 def _count_params_without_weights(name: str, trust_remote_code: bool) -> int:
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    config = load_config(name, trust_remote_code=trust_remote_code, what="--model")
     with init_empty_weights():
-        empty = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        empty = model_class("causal_lm").from_config(config, trust_remote_code=trust_remote_code)
     return metrics.count_parameters(empty)
 
 
-def _load_tokenizer(name: str, task: str, trust_remote_code: bool) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise ModelError(
-            f"cannot load the tokenizer of {name} ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
-            "pass an HF model folder or hub name to --model/--teacher"
-        ) from None
+def _load_tokenizer(name: str, trust_remote_code: bool, what: str) -> Any:
+    tokenizer = load_tokenizer(name, trust_remote_code=trust_remote_code, what=what)
     if tokenizer.pad_token_id is None:
         # Batching needs a pad id; EOS is never scored where it pads (the attention mask hides it).
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def _load_model(name: str, task: str, runtime: Runtime, trust_remote_code: bool) -> tuple[Any, Any]:
+def _load_model(
+    name: str, task: str, runtime: Runtime, trust_remote_code: bool, what: str = "--model"
+) -> tuple[Any, Any]:
     """The model (classifier head for classification, causal LM otherwise) and its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    tokenizer = _load_tokenizer(name, task, trust_remote_code)
-    cls = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
-    try:
-        model = cls.from_pretrained(name, dtype=runtime.dtype, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        kind = "a sequence classifier" if task == "classification" else "a causal LM"
-        raise ModelError(
-            f"cannot load {kind} from {name} ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
-            "pass an HF model folder or hub name to --model/--teacher"
-        ) from None
-    model.to(runtime.device).eval()
-    return model, tokenizer
+    tokenizer = _load_tokenizer(name, trust_remote_code, what)
+    model = load_model(name, kind="classifier" if task == "classification" else "causal_lm", dtype=runtime.dtype,
+                       device=runtime.device, trust_remote_code=trust_remote_code, what=what)
+    return model.eval(), tokenizer
 
 
 def _load_rows(cfg: EvalConfig) -> Any:
@@ -209,22 +182,11 @@ def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[i : i + size]
 
 
-def _pad(rows: Sequence[Any], pad_id: int, device: str, left: bool = False) -> tuple[Any, Any]:
-    """Stack int token rows into ``[B, T]`` ids and attention mask (right padding unless ``left``)."""
-    import torch
-
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        t = torch.as_tensor(r, dtype=torch.long)
-        if left:
-            ids[i, width - len(t) :] = t
-            mask[i, width - len(t) :] = 1
-        else:
-            ids[i, : len(t)] = t
-            mask[i, : len(t)] = 1
-    return ids.to(device), mask.to(device)
+def _padded_batches(examples: Sequence[Any], cfg: EvalConfig, tokenizer: Any, runtime: Runtime) -> Iterator[Any]:
+    """``(batch, input_ids, attention_mask)`` per ``--batch-size`` examples, right-padded on the device."""
+    for batch in _batches(examples, cfg.batch_size):
+        ids, mask = pad([e.input_ids for e in batch], tokenizer.pad_token_id, device=runtime.device)
+        yield batch, ids, mask
 
 
 def _eval_lm(cfg: EvalConfig, ds: Any, model: Any, tokenizer: Any, runtime: Runtime) -> dict[str, Any]:
@@ -235,8 +197,7 @@ def _eval_lm(cfg: EvalConfig, ds: Any, model: Any, tokenizer: Any, runtime: Runt
     examples = build_examples(ds, tokenizer, _recipe(cfg, max_length=cfg.max_length)).examples
     stats = metrics.LMStats()
     with torch.inference_mode():
-        for batch in _batches(examples, cfg.batch_size):
-            ids, mask = _pad([e.input_ids for e in batch], tokenizer.pad_token_id, runtime.device)
+        for _, ids, mask in _padded_batches(examples, cfg, tokenizer, runtime):
             logits = model(input_ids=ids, attention_mask=mask).logits
             # logits[:, t] predicts ids[:, t + 1]; score where both ends are real tokens.
             stats.add(metrics.lm_token_stats(logits[:, :-1], ids[:, 1:], mask[:, 1:]))
@@ -258,8 +219,7 @@ def _eval_classification(cfg: EvalConfig, ds: Any, model: Any, tokenizer: Any, r
         )
     preds: list[int] = []
     with torch.inference_mode():
-        for batch in _batches(labelled, cfg.batch_size):
-            ids, mask = _pad([e.input_ids for e in batch], tokenizer.pad_token_id, runtime.device)
+        for _, ids, mask in _padded_batches(labelled, cfg, tokenizer, runtime):
             preds.extend(model(input_ids=ids, attention_mask=mask).logits.argmax(-1).tolist())
     acc = metrics.accuracy(preds, [e.label for e in labelled])
     return {"num_examples": len(labelled), "metrics": {"accuracy": acc}}
@@ -308,21 +268,16 @@ def _generation_backend(cfg: EvalConfig, runtime: Runtime) -> str:
 def _generate_hf(
     cfg: EvalConfig, model: Any, tokenizer: Any, runtime: Runtime, prompts: list[list[int]]
 ) -> list[list[int]]:
-    import torch
+    outputs: list[Any] = []
+    for batch in _batches(prompts, cfg.batch_size):
+        outputs += greedy_generate(model, batch, max_new_tokens=cfg.max_new_tokens, pad_id=tokenizer.pad_token_id,
+                                   eos_id=tokenizer.eos_token_id, device=runtime.device)
+    return _without_eos(outputs, tokenizer.eos_token_id)
 
-    outputs: list[list[int]] = []
-    eos = tokenizer.eos_token_id
-    with torch.inference_mode():
-        for batch in _batches(prompts, cfg.batch_size):
-            # Left padding: every prompt ends where generation starts.
-            ids, mask = _pad(batch, tokenizer.pad_token_id, runtime.device, left=True)
-            out = model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=cfg.max_new_tokens, do_sample=False,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
-            )
-            for row in out[:, ids.shape[1] :].tolist():
-                outputs.append(row[: row.index(eos)] if eos in row else row)
-    return outputs
+
+def _without_eos(outputs: Sequence[Any], eos: int | None) -> list[list[int]]:
+    """Generated ids as lists without the EOS that ended them (metrics score the text alone)."""
+    return [[t for t in out.tolist() if t != eos] for out in outputs]
 
 
 def _generate_vllm(cfg: EvalConfig, tokenizer: Any, prompts: list[list[int]], engine: Any = None) -> list[list[int]]:
@@ -347,7 +302,7 @@ def _generate_vllm(cfg: EvalConfig, tokenizer: Any, prompts: list[list[int]], en
     finally:
         if own:
             engine.close()
-    return [[t for t in o.tolist() if t != eos] for o in outs]
+    return _without_eos(outs, eos)
 
 
 # --------------------------------------------------------------------------- agreement
@@ -371,13 +326,12 @@ def _agreement_with_teacher(cfg: EvalConfig, model: Any, tokenizer: Any, runtime
 
     from pipeline.dump.tasks import build_examples
 
-    teacher, _ = _load_model(cfg.teacher or "", cfg.task, runtime, cfg.trust_remote_code)
+    teacher, _ = _load_model(cfg.teacher or "", cfg.task, runtime, cfg.trust_remote_code, what="--teacher")
     ds = _load_rows(cfg)
     examples = build_examples(ds, tokenizer, _recipe(cfg, max_length=cfg.max_length)).examples
     stats = metrics.AgreementStats()
     with torch.inference_mode():
-        for batch in _batches(examples, cfg.batch_size):
-            ids, mask = _pad([e.input_ids for e in batch], tokenizer.pad_token_id, runtime.device)
+        for batch, ids, mask in _padded_batches(examples, cfg, tokenizer, runtime):
             s_logits = model(input_ids=ids, attention_mask=mask).logits
             t_logits = teacher(input_ids=ids, attention_mask=mask).logits
             if cfg.task == "classification":
@@ -429,117 +383,6 @@ def _model_vocab(model: Any) -> int | None:
     return int(emb.weight.shape[0]) if emb is not None else None
 
 
-# --------------------------------------------------------------------------- compare
-
-
-def parse_compare_entry(entry: str) -> tuple[str, str]:
-    """``"NAME=PATH"`` -> (NAME, PATH); a bare ``PATH`` is named by its last path component."""
-    if "=" in entry and not Path(entry).exists():
-        name, _, path = entry.partition("=")
-        if not name or not path:
-            raise ConfigError(f"--compare entry {entry!r} must be NAME=PATH or PATH")
-        return name, path
-    return Path(entry.rstrip("/")).name or entry, entry
-
-
-def run_compare(cfg: EvalConfig, echo: bool = True) -> dict[str, Any]:
-    """Evaluate each ``--compare`` entry (or load its earlier ``--json`` result) into one table.
-
-    ``echo``: print the markdown table (the CLI's output; callers that print it themselves pass False).
-    """
-    columns: list[dict[str, Any]] = []
-    for entry in cfg.compare or []:
-        name, path = parse_compare_entry(entry)
-        if path.endswith(".json"):
-            result = _load_result(path)
-        else:
-            result = evaluate_model(cfg.model_copy(update={"compare": None, "model": path, "json_path": None}))
-        columns.append({"name": name, **result})
-    markdown = compare_table(columns)
-    out = {"columns": columns, "markdown": markdown}
-    _write_outputs(cfg, out, markdown=markdown)
-    if echo:
-        print(markdown)
-    return out
-
-
-def _load_result(path: str) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"--compare result file {p} does not exist; write it first with kdpipe eval --json {p}")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"--compare result file {p} is not valid JSON ({exc}); regenerate it with --json") from None
-    if not isinstance(data, dict) or "task" not in data or "params" not in data:
-        raise ConfigError(f"--compare result file {p} is not a kdpipe eval result (no 'task'/'params' keys)")
-    return data
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, float):
-        if math.isinf(value) or math.isnan(value):
-            return str(value)
-        return f"{value:.2f}" if abs(value) >= 10 else f"{value:.3f}"
-    return str(value)
-
-
-def compare_table(columns: list[dict[str, Any]]) -> str:
-    """Markdown: the seed project's one-row-per-task table, then every metric on its own row."""
-    names = [c["name"] for c in columns]
-    tasks = list(dict.fromkeys(c["task"] for c in columns))
-    lines = ["| task | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for task in tasks:
-        cells = []
-        for c in columns:
-            if c["task"] != task or "metrics" not in c:
-                cells.append("—")
-                continue
-            values = " / ".join(_fmt(c["metrics"].get(m)) for m in TASK_METRICS[task])
-            cells.append(f"{values} ({metrics.format_params(int(c['params']))})")
-        lines.append(f"| {TASK_TITLES[task]} | " + " | ".join(cells) + " |")
-    lines += ["", "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for key in _metric_rows(columns):
-        row = [_fmt(_lookup(c, key)) for c in columns]
-        arrow = " (lower is better)" if key.split(".")[-1] in LOWER_IS_BETTER else ""
-        lines.append(f"| {key}{arrow} | " + " | ".join(row) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _metric_rows(columns: list[dict[str, Any]]) -> list[str]:
-    keys: dict[str, None] = {"params": None}
-    for c in columns:
-        keys.update({f"metrics.{k}": None for k in TASK_METRICS.get(c["task"], ())})
-        if c.get("agreement"):
-            keys.update({"agreement.top1_agreement": None, "agreement.kl_to_teacher": None})
-    return list(keys)
-
-
-def _lookup(result: dict[str, Any], dotted: str) -> Any:
-    value: Any = result
-    for part in dotted.split("."):
-        if not isinstance(value, dict) or part not in value:
-            return None
-        value = value[part]
-    return value
-
-
-# --------------------------------------------------------------------------- outputs
-
-
-def _write_outputs(cfg: EvalConfig, result: dict[str, Any], markdown: str | None) -> None:
-    """``--json FILE``: the result, the markdown table beside it, and the resolved config."""
-    if not cfg.json_path:
-        return
-    path = Path(cfg.json_path)
-    atomic_write_text(path, json.dumps(result, indent=2, default=str) + "\n")
-    if markdown is not None:
-        atomic_write_text(path.with_suffix(".md"), markdown)
-    save_resolved_config(cfg, path.parent, name=f"{path.stem}.config.yaml")
-
-
 def print_result(result: dict[str, Any], file: Any = None) -> None:
     """One line per metric, for the CLI (``file`` None: the current ``sys.stdout``)."""
     file = file or sys.stdout
@@ -548,6 +391,6 @@ def print_result(result: dict[str, Any], file: Any = None) -> None:
     print(f"model {result['model']} ({metrics.format_params(int(result['params']))} params), task {result['task']}",
           file=file)
     for key, value in (result.get("metrics") or {}).items():
-        print(f"  {key}: {_fmt(value)}", file=file)
+        print(f"  {key}: {format_value(value)}", file=file)
     for key, value in (result.get("agreement") or {}).items():
-        print(f"  {key}: {_fmt(value)}", file=file)
+        print(f"  {key}: {format_value(value)}", file=file)

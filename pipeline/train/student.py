@@ -20,7 +20,9 @@ from typing import Any
 
 import torch
 
+from pipeline import hf_io
 from pipeline.errors import ConfigError, ModelError
+from pipeline.hf_io import ModelKind, first_line, load_config, load_model, model_class
 from pipeline.train.losses import HeadSpec, head_logits
 
 
@@ -83,36 +85,38 @@ def load_student(
     seed: int,
 ) -> torch.nn.Module:
     """Build the student as described in the module docstring."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    model_cls = AutoModelForSequenceClassification if classification else AutoModelForCausalLM
-    kwargs: dict[str, Any] = {"dtype": dtype}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
     if (student is None) == (student_config is None):
         raise ConfigError("give exactly one of student (flag --student, a model path or name) and "
                           "student_config (flag --student-config, a config.json for a fresh model)")
     torch.manual_seed(seed)  # fresh heads and fresh models start from the run's seed
-    try:
-        if student_config is not None:
-            if student_layers is not None:
-                raise ConfigError("student_layers (flag --student-layers) shrinks a pretrained --student; "
-                                  "with --student-config set num_hidden_layers in the config instead")
-            cfg = AutoConfig.from_pretrained(student_config)
-            if classification and num_labels is not None:
-                cfg.num_labels = num_labels
-            if attn_implementation:
-                cfg._attn_implementation = attn_implementation
-            return model_cls.from_config(cfg, dtype=dtype)
-        _check_architecture(AutoConfig.from_pretrained(student), student, classification)
-        model = model_cls.from_pretrained(student, **kwargs)
-    except (OSError, ValueError) as exc:
-        what = f"student_config {student_config}" if student_config else f"student {student}"
-        raise ModelError(f"cannot load {what}: {str(exc).splitlines()[0]}; pass a local model folder, a hub "
-                         "name, or a config.json") from None
+    kind: ModelKind = "classifier" if classification else "causal_lm"
+    if student_config is not None:
+        if student_layers is not None:
+            raise ConfigError("student_layers (flag --student-layers) shrinks a pretrained --student; "
+                              "with --student-config set num_hidden_layers in the config instead")
+        return _fresh_student(student_config, kind, num_labels, attn_implementation, dtype)
+    assert student is not None  # exactly one of the two, checked above
+    _check_architecture(load_config(student, what="--student"), student, classification)
+    model = load_model(student, kind=kind, dtype=dtype, attn_implementation=attn_implementation, what="--student")
     if student_layers is not None:
-        model = shrink_model(model, student_layers, model_cls)
+        model = shrink_model(model, student_layers, model_class(kind))
     return model
+
+
+def _fresh_student(
+    student_config: str, kind: ModelKind, num_labels: int | None, attn_implementation: str | None, dtype: torch.dtype
+) -> torch.nn.Module:
+    """A randomly initialised model from ``--student-config`` (a config.json or a folder holding one)."""
+    cfg = load_config(student_config, what="--student-config")
+    if kind == "classifier" and num_labels is not None:
+        cfg.num_labels = num_labels
+    if attn_implementation:
+        cfg._attn_implementation = attn_implementation
+    try:
+        return model_class(kind).from_config(cfg, dtype=dtype)
+    except (ValueError, ImportError) as exc:
+        raise ModelError(f"cannot build a model from student_config {student_config} (--student-config): "
+                         f"{first_line(exc)}; fix the config.json or --attn-implementation") from None
 
 
 def _check_architecture(config: Any, student: str, classification: bool) -> None:
@@ -128,13 +132,7 @@ def _check_architecture(config: Any, student: str, classification: bool) -> None
 
 
 def load_tokenizer(path: str) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load a tokenizer from {path}: {str(exc).splitlines()[0]}; pass --tokenizer "
-                         "with a tokenizer folder or hub name") from None
+    return hf_io.load_tokenizer(path, what="--tokenizer")
 
 
 def head_spec(model: torch.nn.Module) -> HeadSpec:

@@ -18,27 +18,11 @@ import numpy as np
 
 from pipeline.dump.teachers.base import BackendError, TeacherBackend, TeacherSettings, package_version
 from pipeline.errors import ModelError
+from pipeline.hf_io import greedy_generate, load_model, pad, torch_dtype
 
 # 2**24 float32 logits = 64 MiB per chunk: big enough to keep the matmul efficient, small enough
 # for any GPU next to a large teacher (a 150k vocabulary gives chunks of ~110 positions).
 _CHUNK_ELEMENTS = 1 << 24
-
-
-def _torch_dtype(name: str) -> Any:
-    import torch
-
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-def pad_right(seqs: list[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Right-pad sequences: (input_ids int64 [B, T_max], attention_mask int64 [B, T_max])."""
-    T = max(len(s) for s in seqs)
-    ids = np.full((len(seqs), T), pad_id, dtype=np.int64)
-    mask = np.zeros((len(seqs), T), dtype=np.int64)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = s
-        mask[i, : len(s)] = 1
-    return ids, mask
 
 
 def flat_target_index(positions: list[np.ndarray], T: int) -> np.ndarray:
@@ -132,35 +116,15 @@ class HFTeacher(TeacherBackend):
         from transformers import BitsAndBytesConfig
 
         if settings.load_in_4bit:
-            return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=_torch_dtype(settings.dtype))
+            return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch_dtype(settings.dtype))
         return BitsAndBytesConfig(load_in_8bit=True)
 
     def _setup_model(self, settings: TeacherSettings) -> Any:
-        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-        cls = AutoModelForSequenceClassification if settings.kind == "classifier" else AutoModelForCausalLM
-        kwargs: dict[str, Any] = {
-            "dtype": _torch_dtype(settings.dtype),
-            "revision": settings.revision,
-            "trust_remote_code": settings.trust_remote_code,
-        }
-        if settings.attn_implementation:
-            kwargs["attn_implementation"] = settings.attn_implementation
-        quant = self._quantization(settings)
-        if quant is not None:
-            kwargs["quantization_config"] = quant
-            kwargs["device_map"] = {"": self.device.index or 0}
-        try:
-            model = cls.from_pretrained(settings.model, **kwargs)
-        except (ImportError, ValueError) as exc:
-            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            hint = " (check --attn-implementation)" if settings.attn_implementation else ""
-            raise ModelError(f"teacher {settings.model} cannot be loaded as {cls.__name__}{hint}: {msg}") from None
-        except OSError as exc:
-            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ModelError(f"teacher {settings.model} cannot be loaded (--teacher): {msg}") from None
-        if quant is None:
-            model.to(self.device)
+        model = load_model(
+            settings.model, kind=settings.kind, dtype=settings.dtype, device=self.device, revision=settings.revision,
+            trust_remote_code=settings.trust_remote_code, attn_implementation=settings.attn_implementation,
+            quantization_config=self._quantization(settings), what="--teacher",
+        )
         model.eval()
         if settings.kind == "classifier" and model.config.pad_token_id is None:
             if settings.extra.get("pad_token_id") is None and settings.batch_size > 1:
@@ -207,10 +171,8 @@ class HFTeacher(TeacherBackend):
         """Hidden states (or logits) of the batch's target positions: ([n_pos, H], head)."""
         import torch
 
-        ids, mask = pad_right(seqs, self.pad_id)
-        flat = torch.from_numpy(flat_target_index(positions, ids.shape[1])).to(self.device)
-        ids_t = torch.from_numpy(ids).to(self.device)
-        mask_t = torch.from_numpy(mask).to(self.device)
+        ids_t, mask_t = pad(seqs, self.pad_id, device=self.device)
+        flat = torch.from_numpy(flat_target_index(positions, ids_t.shape[1])).to(self.device)
         with torch.inference_mode():
             if self._head is not None:
                 hidden = self._decoder(input_ids=ids_t, attention_mask=mask_t, use_cache=False).last_hidden_state
@@ -276,12 +238,9 @@ class HFTeacher(TeacherBackend):
         out = np.zeros((len(seqs), self.num_labels), dtype=np.float32)
         for batch in length_batches([len(s) for s in seqs], self.settings.batch_size):
             t0 = time.perf_counter()
-            ids, mask = pad_right([seqs[i] for i in batch], int(self.model.config.pad_token_id or 0))
+            ids, mask = pad([seqs[i] for i in batch], int(self.model.config.pad_token_id or 0), device=self.device)
             with torch.inference_mode():
-                logits = self.model(
-                    input_ids=torch.from_numpy(ids).to(self.device),
-                    attention_mask=torch.from_numpy(mask).to(self.device),
-                ).logits.float()
+                logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
             self._sync()
             t1 = time.perf_counter()
             out[batch] = logits.cpu().numpy()
@@ -290,41 +249,13 @@ class HFTeacher(TeacherBackend):
         return out
 
     def generate(self, prompts: list[np.ndarray], max_new_tokens: int, eos_id: int | None) -> list[np.ndarray]:
-        import torch
-
         results: list[np.ndarray] = [np.zeros(0, np.int32)] * len(prompts)
-        pad = self.pad_id if self.pad_id is not None else (eos_id or 0)
         for batch in length_batches([len(p) for p in prompts], self.settings.batch_size):
             t0 = time.perf_counter()
-            T = max(len(prompts[i]) for i in batch)
-            # Left padding: every prompt ends at the same column, where generation starts.
-            ids = np.full((len(batch), T), pad, dtype=np.int64)
-            mask = np.zeros((len(batch), T), dtype=np.int64)
-            for r, i in enumerate(batch):
-                ids[r, T - len(prompts[i]) :] = prompts[i]
-                mask[r, T - len(prompts[i]) :] = 1
-            with torch.inference_mode():
-                out = self.model.generate(
-                    input_ids=torch.from_numpy(ids).to(self.device),
-                    attention_mask=torch.from_numpy(mask).to(self.device),
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    pad_token_id=pad,
-                    eos_token_id=eos_id,
-                )
-            self._sync()
-            t1 = time.perf_counter()
-            new = out[:, T:].cpu().numpy().astype(np.int32)
-            for r, i in enumerate(batch):
-                results[i] = cut_at_eos(new[r], eos_id)
-            self.timing.teacher_s += t1 - t0
-            self.timing.convert_s += time.perf_counter() - t1
+            answers = greedy_generate(self.model, [prompts[i] for i in batch], max_new_tokens=max_new_tokens,
+                                      pad_id=self.pad_id, eos_id=eos_id, device=self.device)
+            for i, answer in zip(batch, answers, strict=True):
+                results[i] = answer
+            # generate() ends with a copy to the CPU, so the whole batch counts as the teacher's time.
+            self.timing.teacher_s += time.perf_counter() - t0
         return results
-
-
-def cut_at_eos(tokens: np.ndarray, eos_id: int | None) -> np.ndarray:
-    """``tokens`` up to and including the first EOS (the rest is padding): int32 [n]."""
-    if eos_id is None:
-        return tokens
-    hits = np.flatnonzero(tokens == eos_id)
-    return tokens[: hits[0] + 1] if len(hits) else tokens

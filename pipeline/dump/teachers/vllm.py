@@ -35,6 +35,7 @@ import numpy as np
 
 from pipeline.dump.teachers.base import BackendError, TeacherBackend, TeacherSettings, package_version
 from pipeline.errors import ModelError
+from pipeline.hf_io import cut_at_eos, first_line
 
 _INSTALL_HINT = (
     "--backend vllm needs the vllm package: pip install 'kdpipe[vllm]' on a CUDA machine, or "
@@ -53,7 +54,7 @@ def _import_vllm() -> Any:
     try:
         import vllm
     except ImportError as exc:
-        raise BackendError(f"{_INSTALL_HINT} ({exc})") from None
+        raise BackendError(f"{_INSTALL_HINT} ({first_line(exc)})") from None
     return vllm
 
 
@@ -150,8 +151,7 @@ class VLLMTeacher(TeacherBackend):
         try:
             return self._vllm.LLM(**kwargs)
         except (OSError, ValueError, RuntimeError) as exc:
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelError(f"vLLM cannot load teacher {settings.model} (--teacher): {msg}") from None
+            raise ModelError(f"vLLM cannot load teacher {settings.model} (--teacher): {first_line(exc)}") from None
 
     def topk(self, seqs: list[np.ndarray], positions: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
         limit = self.llm.llm_engine.model_config.max_logprobs
@@ -184,8 +184,6 @@ class VLLMTeacher(TeacherBackend):
         return ids, lps
 
     def generate(self, prompts: list[np.ndarray], max_new_tokens: int, eos_id: int | None) -> list[np.ndarray]:
-        from pipeline.dump.teachers.hf import cut_at_eos
-
         limit = int(self.max_context or 0)
         params = [
             self._vllm.SamplingParams(

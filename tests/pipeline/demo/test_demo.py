@@ -16,7 +16,7 @@ def _check_artifacts(out: Path) -> None:
         "report.md", "loss_curves.png", "metrics.png", "demo_config.yaml", "kdpipe-demo.json",
         "data/teacher_train.txt", "data/train.txt", "data/valid.txt",
         "teacher/config.json", "teacher/tokenizer.json", "teacher/train_losses.json",
-        "cache/manifest.json", "cache/config.yaml",
+        "cache/manifest.json", "cache.config.yaml",
         "student-init/config.json",
         "student-kd/config.json", "student-kd/train_summary.json", "student-kd/train_config.yaml",
         "student-ce/config.json", "student-ce/train_summary.json", "student-ce/train_config.yaml",

@@ -36,7 +36,10 @@ def test_lm_dump_matches_teacher(tiny_lm_dir: Path, data_dir: Path, tmp_path: Pa
     s = run_dump(_cfg(tiny_lm_dir, data_dir / "wiki.txt", out))
     assert s["rows"] > 4 and s["positions"] == s["tokens"] - s["rows"]
     assert s["units_done"] == s["units_total"] and s["teacher_s"] > 0 and 0 <= s["outside_teacher_share"] <= 1
-    assert (out / "config.yaml").is_file() and (out / "manifest.json").is_file()
+    # The resolved config sits beside the cache (SPEC §1 lists a cache folder's files) and in identity.run.
+    assert (tmp_path / "lm.config.yaml").is_file() and (out / "manifest.json").is_file()
+    assert not (out / "config.yaml").exists()
+    assert open_cache(str(out)).manifest.identity.run["top_k"] == 8
     assert verify_cache(str(out))["ok"]
     rows = _rows(out)
     assert [r.sample_id for r in rows] == [str(i) for i in range(len(rows))]  # deterministic order
@@ -122,6 +125,16 @@ def test_resume_skips_done_units_and_refuses_other_settings(tiny_lm_dir: Path, d
         run_dump(_cfg(tiny_lm_dir, data_dir / "wiki.txt", w, limit=12, num_workers=2, worker_index=1))
     s = run_dump(_cfg(tiny_lm_dir, data_dir / "wiki.txt", out, limit=12, top_k=4, overwrite=True))
     assert s["units_done"] == s["units_total"]
+
+
+def test_unreadable_cache_is_refused_until_overwrite(tiny_lm_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bad"
+    out.mkdir()
+    (out / "manifest.json").write_text("{not json")
+    with pytest.raises(KdpipeError, match=r"--out .* cannot read .*manifest\.json.*--overwrite"):
+        run_dump(_cfg(tiny_lm_dir, data_dir / "wiki.txt", out, limit=4))
+    s = run_dump(_cfg(tiny_lm_dir, data_dir / "wiki.txt", out, limit=4, overwrite=True))
+    assert s["units_done"] == s["units_total"] and verify_cache(str(out))["ok"]
 
 
 def test_two_workers_and_merge_equal_one_worker(tiny_lm_dir: Path, data_dir: Path, tmp_path: Path,

@@ -58,8 +58,11 @@ def test_yaml_config_with_flag_override(capsys: Any, tiny_lm_dir: Path, data_dir
     code, stdout, _ = _run(capsys, "--config", str(tmp_path / "dump.yaml"), "--top-k", "6",
                            "--json", str(tmp_path / "s.json"))
     assert code == 0 and "tokens/s" in stdout and "outside teacher" in stdout
-    saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert saved["top_k"] == 6 and saved["max_length"] == 16
+    saved = yaml.safe_load((tmp_path / "c.config.yaml").read_text())
+    assert saved["top_k"] == 6 and saved["max_length"] == 16 and saved["overwrite"] is False
+    # Rerunning from the saved file resumes the finished cache: nothing is redone.
+    code, stdout, _ = _run(capsys, "--config", str(tmp_path / "c.config.yaml"), "--json", str(tmp_path / "s2.json"))
+    assert code == 0 and json.loads((tmp_path / "s2.json").read_text())["units_done"] == 0
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["rows"] > 0 and summary["bytes_per_token"] > 0
 

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from pipeline.dump.teachers import TeacherSettings, make_backend
-from pipeline.dump.teachers.hf import chunked_topk, cut_at_eos, flat_target_index, length_batches, pad_right
+from pipeline.dump.teachers.hf import chunked_topk, flat_target_index, length_batches
 from pipeline.dump.teachers.vllm import flat_to_topk
 from pipeline.errors import KdpipeError
+from pipeline.hf_io import cut_at_eos, pad
 
 
 def _seqs(vocab: int, lengths: list[int], seed: int = 0) -> list[np.ndarray]:
@@ -31,7 +32,7 @@ def _reference_topk(model_dir: Path, seq: np.ndarray, k: int) -> tuple[np.ndarra
 
 
 def test_pure_helpers() -> None:
-    ids, mask = pad_right([np.array([5, 6, 7]), np.array([8])], pad_id=0)
+    ids, mask = pad([np.array([5, 6, 7]), np.array([8])], pad_id=0)
     assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
     assert flat_target_index([np.array([0, 2]), np.array([0])], T=3).tolist() == [0, 2, 3]
     assert length_batches([1, 5, 3, 5], 2) == [[1, 3], [2, 0]]

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import ConfigError, KdpipeError
-from pipeline.eval.run import EvalConfig, compare_table, parse_compare_entry, run_eval
+from pipeline.eval.compare import compare_table, parse_compare_entry
+from pipeline.eval.run import EvalConfig, run_eval
 
 
 @pytest.fixture(scope="module")
