@@ -13,7 +13,7 @@ from pipeline.dump.tasks import Task
 
 
 class DumpConfig(StrictModel):
-    """Everything ``kdpipe dump-teacher`` needs; saved as ``config.yaml`` in the cache folder."""
+    """Everything ``kdpipe dump-teacher`` needs; recorded in the manifest's ``identity.run`` and saved beside the cache as ``<out>.config.yaml``."""
 
     # What to run
     teacher: str = Field(description="Teacher: HF model folder or hub name.")
