@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
 
+from cache_format._files import atomic_write, copy_hashing, fsync_dir, temp_name
 from cache_format.errors import CacheExistsError, DuplicateError, IncompatibleCacheError
 from cache_format.manifest import MANIFEST_NAME, ShardInfo, build_manifest, dumps_manifest
 from cache_format.reader import CacheReader, check_sha256, open_cache
-from cache_format.writer import _atomic_write, _fsync_dir
 
 
 def merge_caches(out: str | os.PathLike[str], inputs: list[str | os.PathLike[str]],
@@ -53,19 +52,16 @@ def merge_caches(out: str | os.PathLike[str], inputs: list[str | os.PathLike[str
     shards: list[ShardInfo] = []
     for r in readers:
         for info in r.shard_infos:
-            h = hashlib.sha256()
-            tmp = out_dir / f".tmp-{info.name}"
+            tmp = out_dir / temp_name(info.name)
             with r.storage.open(info.name) as src, open(tmp, "wb") as dst:
-                while chunk := src.read(8 << 20):
-                    h.update(chunk)
-                    dst.write(chunk)
+                digest = copy_hashing(src, dst)
                 dst.flush()
                 os.fsync(dst.fileno())
-            check_sha256(info, h.hexdigest(), r.storage.describe(info.name))
+            check_sha256(info, digest, r.storage.describe(info.name))
             os.replace(tmp, out_dir / info.name)
             shards.append(info)
         r.close()
-    _fsync_dir(out_dir)
+    fsync_dir(out_dir)
     identity = first.identity
     merged_identity = type(identity)(teacher=identity.teacher, tokenizer=identity.tokenizer, recipe=identity.recipe,
                                      dataset=identity.dataset, encoding=identity.encoding,
@@ -73,5 +69,5 @@ def merge_caches(out: str | os.PathLike[str], inputs: list[str | os.PathLike[str
                                                           for p, r in zip(inputs, readers, strict=True)]})
     units = sorted(unit_owner)
     manifest = build_manifest(merged_identity, first.manifest.shard_encoding, shards, units)
-    _atomic_write(out_dir / MANIFEST_NAME, dumps_manifest(manifest).encode())
+    atomic_write(out_dir / MANIFEST_NAME, dumps_manifest(manifest).encode())
     return manifest

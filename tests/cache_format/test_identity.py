@@ -7,11 +7,11 @@ import pytest
 from cache_format import (
     CacheIdentity,
     ClassLogitsEncoding,
-    EncodingError,
     SampledEncoding,
     TopKEncoding,
     tokenizer_fingerprint,
 )
+from cache_format.errors import EncodingError
 from helpers.cache import identity
 
 

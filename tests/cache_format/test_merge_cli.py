@@ -11,13 +11,13 @@ from typer.testing import CliRunner
 from cache_format import (
     CacheExistsError,
     CacheWriter,
-    DuplicateError,
     IncompatibleCacheError,
     TopKEncoding,
     merge_caches,
     open_cache,
     verify_cache,
 )
+from cache_format.errors import DuplicateError
 from helpers.cache import identity, topk_batch, write_topk_cache
 from pipeline.cli_cache import cache_app
 

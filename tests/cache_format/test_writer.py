@@ -16,15 +16,13 @@ import pytest
 from cache_format import (
     CacheExistsError,
     CacheWriter,
-    DuplicateError,
-    EncodingError,
     IncompatibleCacheError,
     IncompleteCacheError,
     TopKEncoding,
-    WriterStateError,
     open_cache,
     verify_cache,
 )
+from cache_format.errors import DuplicateError, EncodingError, WriterStateError
 from cache_format.manifest import INCOMPLETE_MARKER, MANIFEST_NAME, PROGRESS_JOURNAL
 from helpers.cache import identity, topk_batch, write_topk_cache
 
