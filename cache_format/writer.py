@@ -5,6 +5,9 @@ under a temporary name; ``end_unit(j)`` fsyncs and renames the unit's shards to 
 names, then appends unit j to an fsynced journal. Only journaled units count as complete, so
 a restart after ``kill -9`` at any moment discards partial work and redoes exactly the
 unfinished units. ``finalize()`` writes ``manifest.json`` last, atomically.
+
+This module is the caller's side and the queue; the folder (create/overwrite/resume, journal)
+is prepared by ``_cache_dir.py`` and the background thread's work is ``_shard_assembly.py``.
 """
 
 from __future__ import annotations

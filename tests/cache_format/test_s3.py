@@ -14,7 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cache_format import CacheExistsError, CacheNotFoundError, copy_cache, open_cache, read_identity, verify_cache
+from cache_format import (
+    CacheExistsError,
+    CacheNotFoundError,
+    copy_cache,
+    open_cache,
+    read_identity,
+    verify_cache,
+)
 from helpers.cache import write_topk_cache
 
 # moto is never imported into the test process: its Flask app leaves werkzeug context-local
