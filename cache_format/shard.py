@@ -1,5 +1,6 @@
-"""The Arrow shard layout: schema, building record batches from rows, decoding them back.
+"""The Arrow shard layout: schema, record batches from rows, IPC bytes, decoding them back.
 
+The columns every shard has are here; each encoding's own columns come from ``encodings/``.
 One Arrow row per sequence. Per-entry streams are ``list<uint8>`` columns so each byte
 plane is its own buffer (zstd compresses each separately) and a whole record batch decodes
 with a handful of numpy calls.
