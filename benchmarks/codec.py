@@ -35,10 +35,14 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
 from benchmarks.common import print_table, wikitext_lines, wikitext_teacher  # noqa: E402
-from cache_format import CacheIdentity, SampledBatch, SampledEncoding, TopKBatch, TopKEncoding  # noqa: E402
-from cache_format.batches import check_batch  # noqa: E402
-from cache_format.shard import build_table, decode_batch, read_shard_encoding  # noqa: E402
-from cache_format.writer import DEFAULT_COMPRESSION_LEVEL, serialize_table  # noqa: E402
+from cache_format import SampledBatch, SampledEncoding, TopKBatch, TopKEncoding  # noqa: E402
+from cache_format.encodings import check_batch  # noqa: E402
+from cache_format.shard import build_table, decode_batch, read_shard_encoding, serialize_table  # noqa: E402
+from cache_format.writer import DEFAULT_COMPRESSION_LEVEL  # noqa: E402
+
+# The tests' toy identity (tests/ is a namespace package from the repo root); only the vocab and the
+# encoding reach the shard bytes measured here.
+from tests.helpers.cache import identity  # noqa: E402
 
 pa.set_cpu_count(1)
 pa.set_io_thread_count(1)
@@ -135,11 +139,6 @@ def timed(fn: Any, repeats: int) -> tuple[float, float]:
     return float(np.median(cpu)), float(np.median(wall))
 
 
-def identity(vocab: int, encoding: Any) -> CacheIdentity:
-    return CacheIdentity(teacher={"name": "bench"}, tokenizer={"name": "bench", "vocab_size": vocab},
-                         recipe={"task": "lm"}, dataset={"name": "bench"}, encoding=encoding)
-
-
 def row_lists(data: dict[str, Any]) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
     rows = data["input_ids"]
     return ([f"r{i}" for i in range(len(rows))], list(rows),
@@ -191,7 +190,7 @@ def row_result(label: str, data: dict[str, Any], encoding: str, k: int | str, n:
 
 def bench_kdpipe_topk(data: dict[str, Any], k: int, repeats: int) -> dict[str, Any]:
     sids, inputs, positions = row_lists(data)
-    ident = identity(data["vocab"], TopKEncoding(k=k))
+    ident = identity(TopKEncoding(k=k), data["vocab"])
     lps = np.ascontiguousarray(data["logprobs"][:, :k])
     batch = TopKBatch(sample_ids=sids, input_ids=inputs, positions=positions,
                       ids=np.ascontiguousarray(data["ids"][:, :k]), logprobs=lps)
@@ -214,7 +213,7 @@ def bench_kdpipe_topk(data: dict[str, Any], k: int, repeats: int) -> dict[str, A
 
 def bench_kdpipe_sampled(data: dict[str, Any], num_draws: int, repeats: int) -> dict[str, Any]:
     sids, inputs, positions = row_lists(data)
-    ident = identity(data["vocab"], SampledEncoding(num_draws=num_draws))
+    ident = identity(SampledEncoding(num_draws=num_draws), data["vocab"])
     draws = np.ascontiguousarray(data["draws"][:, :num_draws])
     block = check_batch(SampledBatch(sample_ids=sids, input_ids=inputs, positions=positions, draws=draws), ident)
 
@@ -286,7 +285,7 @@ def bench_baseline(data: dict[str, Any], k: int, kind: str, repeats: int) -> dic
 def column_breakdown(data: dict[str, Any], k: int) -> list[dict[str, Any]]:
     """Compressed bytes per token of each kdpipe topk column (each serialized alone, zstd level 3)."""
     sids, inputs, positions = row_lists(data)
-    ident = identity(data["vocab"], TopKEncoding(k=k))
+    ident = identity(TopKEncoding(k=k), data["vocab"])
     batch = TopKBatch(sample_ids=sids, input_ids=inputs, positions=positions,
                       ids=np.ascontiguousarray(data["ids"][:, :k]),
                       logprobs=np.ascontiguousarray(data["logprobs"][:, :k]))

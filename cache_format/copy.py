@@ -6,17 +6,14 @@ every shard, so a reader of the destination never sees a manifest whose shards a
 
 from __future__ import annotations
 
-import hashlib
 import os
 from typing import Any
 
+from cache_format._files import copy_hashing, temp_name
 from cache_format.errors import CacheError, CacheExistsError
 from cache_format.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES
 from cache_format.reader import check_sha256, open_cache
 from cache_format.storage import is_remote
-
-# Copy in 8 MiB pieces: large enough for object-store throughput, small for memory.
-_CHUNK = 8 * 1024 * 1024
 
 
 def _dest_fs(dst: str, storage_options: dict[str, Any] | None) -> tuple[Any, str]:
@@ -42,15 +39,12 @@ def copy_cache(src: str | os.PathLike[str], dst: str, *, src_storage_options: di
     if overwrite and fs.exists(manifest_path):
         fs.rm(manifest_path)  # first, so the destination never looks complete with mixed shards
     for info in reader.shard_infos:
-        h = hashlib.sha256()
-        target = f"{root}/{info.name}"
-        with reader.storage.open(info.name) as fin, fs.open(target, "wb") as fout:
-            while chunk := fin.read(_CHUNK):
-                h.update(chunk)
-                fout.write(chunk)
-        check_sha256(info, h.hexdigest(), reader.storage.describe(info.name))
+        with reader.storage.open(info.name) as fin, fs.open(f"{root}/{info.name}", "wb") as fout:
+            digest = copy_hashing(fin, fout)
+        check_sha256(info, digest, reader.storage.describe(info.name))
     data = reader.storage.read_bytes(MANIFEST_NAME, MAX_MANIFEST_BYTES)
-    tmp = f"{root}/.tmp-{MANIFEST_NAME}" if not is_remote(str(dst)) else manifest_path
+    # Object stores have no rename: a single PUT of the manifest is already all-or-nothing there.
+    tmp = f"{root}/{temp_name(MANIFEST_NAME)}" if not is_remote(str(dst)) else manifest_path
     with fs.open(tmp, "wb") as fout:
         fout.write(data)
     if tmp != manifest_path:

@@ -6,119 +6,34 @@ merged; ``run`` (worker index, host, timing, paths) is informational and never c
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
+from cache_format.encodings import ENCODINGS, Encoding, encoding_format
 from cache_format.errors import EncodingError, ManifestError
-
-# Largest draw count a ``sampled`` cache supports: counts are stored as uint8.
-MAX_NUM_DRAWS = 255
-# Largest k: the per-position value deltas are uint8 and k above a few hundred is never useful.
-MAX_K = 4096
-
-
-@dataclass(frozen=True)
-class TopKEncoding:
-    """The k most probable tokens per position with quantized log-probs and the tail mass.
-
-    ``value_step`` is the log-prob quantization step in nats: a uniform error of at most
-    step/2 per entry gives a mean KL of about step²/24 (6.5e-4 nats at 1/8, inside the
-    1e-3 target), and 1/8 keeps the value deltas in few bits.
-    """
-
-    k: int
-    value_step: float = 0.125  # why: see the docstring (KL ~ step²/24 < 1e-3 nats)
-    temperature: float = 1.0  # why: the log-softmax temperature at capture; 1.0 = the model's own distribution
-    kind: ClassVar[str] = "topk"
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.k, int) or not 1 <= self.k <= MAX_K:
-            raise EncodingError(f"TopKEncoding.k must be an integer in [1, {MAX_K}], got {self.k!r}")
-        if not (isinstance(self.value_step, int | float) and 0 < self.value_step <= 1):
-            raise EncodingError(f"TopKEncoding.value_step must be in (0, 1] nats, got {self.value_step!r}")
-        _check_temperature(self.temperature, "TopKEncoding")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "k": self.k, "value_step": float(self.value_step),
-                "temperature": float(self.temperature)}
-
-
-@dataclass(frozen=True)
-class SampledEncoding:
-    """``num_draws`` tokens drawn with replacement from the full teacher distribution per position."""
-
-    num_draws: int
-    temperature: float = 1.0  # why: the sampling temperature at capture; 1.0 = the model's own distribution
-    kind: ClassVar[str] = "sampled"
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.num_draws, int) or not 1 <= self.num_draws <= MAX_NUM_DRAWS:
-            raise EncodingError(
-                f"SampledEncoding.num_draws must be an integer in [1, {MAX_NUM_DRAWS}] (counts are uint8), "
-                f"got {self.num_draws!r}")
-        _check_temperature(self.temperature, "SampledEncoding")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "num_draws": self.num_draws, "temperature": float(self.temperature)}
-
-
-@dataclass(frozen=True)
-class ClassLogitsEncoding:
-    """Full float32 class logits per example (classification teachers)."""
-
-    num_classes: int
-    labels: tuple[str, ...] | list[str] | None = None
-    temperature: float = 1.0  # why: logits are stored as produced; temperature is for the record only
-    kind: ClassVar[str] = "class_logits"
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.num_classes, int) or self.num_classes < 1:
-            raise EncodingError(f"ClassLogitsEncoding.num_classes must be a positive integer, got {self.num_classes!r}")
-        if self.labels is not None:
-            labels = tuple(str(x) for x in self.labels)
-            if len(labels) != self.num_classes:
-                raise EncodingError(
-                    f"ClassLogitsEncoding.labels has {len(labels)} names but num_classes={self.num_classes}; "
-                    "give one name per class or none")
-            object.__setattr__(self, "labels", labels)
-        _check_temperature(self.temperature, "ClassLogitsEncoding")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "num_classes": self.num_classes,
-                "labels": list(self.labels) if self.labels is not None else None,
-                "temperature": float(self.temperature)}
-
-
-Encoding = TopKEncoding | SampledEncoding | ClassLogitsEncoding
-
-
-def _check_temperature(t: Any, where: str) -> None:
-    if not isinstance(t, int | float) or not math.isfinite(t) or t <= 0:
-        raise EncodingError(f"{where}.temperature must be a positive finite number, got {t!r}")
 
 
 def encoding_from_dict(d: Any, where: str = "encoding") -> Encoding:
     """Rebuild an encoding from its manifest dict; unknown extra keys are ignored (forward compatible)."""
     if not isinstance(d, dict) or "kind" not in d:
         raise ManifestError(f"{where} must be an object with a 'kind' field, got {d!r}")
-    kind = d["kind"]
     try:
-        if kind == "topk":
-            return TopKEncoding(k=d["k"], value_step=d.get("value_step", 0.125),
-                                temperature=d.get("temperature", 1.0))
-        if kind == "sampled":
-            return SampledEncoding(num_draws=d["num_draws"], temperature=d.get("temperature", 1.0))
-        if kind == "class_logits":
-            return ClassLogitsEncoding(num_classes=d["num_classes"], labels=d.get("labels"),
-                                       temperature=d.get("temperature", 1.0))
+        params = encoding_format(d["kind"]).params
+    except EncodingError:
+        raise ManifestError(f"{where}.kind is {d['kind']!r}; this library reads "
+                            + ", ".join(repr(k) for k in ENCODINGS)) from None
+    # A field without a default is required; the others fall back to their defaults when absent.
+    try:
+        kwargs = {f.name: d[f.name] if f.default is dataclasses.MISSING else d.get(f.name, f.default)
+                  for f in dataclasses.fields(params)}
+        return params(**kwargs)  # type: ignore[no-any-return]
     except KeyError as exc:
-        raise ManifestError(f"{where} of kind {kind!r} lacks the field {exc.args[0]!r}") from None
+        raise ManifestError(f"{where} of kind {d['kind']!r} lacks the field {exc.args[0]!r}") from None
     except EncodingError as exc:
         raise ManifestError(f"{where}: {exc}") from None
-    raise ManifestError(f"{where}.kind is {kind!r}; this library reads 'topk', 'sampled' and 'class_logits'")
 
 
 # Sections of the identity that are compared; ``run`` is deliberately absent.
@@ -145,10 +60,11 @@ class CacheIdentity:
                 json.dumps(value, allow_nan=False)
             except (TypeError, ValueError) as exc:
                 raise EncodingError(f"CacheIdentity.{name} must be JSON-serialisable: {exc}") from None
-        if not isinstance(self.encoding, TopKEncoding | SampledEncoding | ClassLogitsEncoding):
-            raise EncodingError("CacheIdentity.encoding must be TopKEncoding, SampledEncoding or ClassLogitsEncoding, "
-                                f"got {type(self.encoding).__name__}")
-        if self.encoding.kind != "class_logits":
+        kinds = tuple(f.params for f in ENCODINGS.values())
+        if not isinstance(self.encoding, kinds):
+            raise EncodingError("CacheIdentity.encoding must be one of " + ", ".join(k.__name__ for k in kinds)
+                                + f", got {type(self.encoding).__name__}")
+        if ENCODINGS[self.encoding.kind].per_position:
             vs = self.tokenizer.get("vocab_size")
             if not isinstance(vs, int) or isinstance(vs, bool) or vs < 1:
                 raise EncodingError("CacheIdentity.tokenizer['vocab_size'] must be a positive integer for "

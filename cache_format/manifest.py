@@ -121,6 +121,38 @@ def build_manifest(identity: CacheIdentity, shard_encoding: dict[str, Any], shar
     }
 
 
+@dataclass(frozen=True)
+class IncompleteMarker:
+    """The unfinished-cache marker: what a resumed dump must match, and when the dump began."""
+
+    identity: CacheIdentity
+    created_at: str | None
+
+
+def dumps_marker(identity: CacheIdentity, created_at: str | None) -> bytes:
+    marker = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "created_at": created_at,
+              "identity": identity.to_dict(), "identity_fingerprint": identity.fingerprint()}
+    return json.dumps(marker, indent=1).encode()
+
+
+def parse_marker(data: bytes, source: str) -> IncompleteMarker:
+    """Parse the marker written by ``dumps_marker``; every error names ``source`` and how to recover."""
+    fix = "the unfinished cache cannot be resumed — restart the dump with --overwrite (mode='overwrite')"
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ManifestTooLargeError(f"{source} is over the {MAX_MANIFEST_BYTES} byte cap; {fix}")
+    try:
+        d = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ManifestError(f"{source} is unreadable ({exc}); {fix}") from None
+    if not isinstance(d, dict):
+        raise ManifestError(f"{source} must hold a JSON object; {fix}")
+    if d.get("format", FORMAT_NAME) != FORMAT_NAME:
+        raise ManifestError(f"{source}: field 'format' is {d['format']!r}, expected {FORMAT_NAME!r}; {fix}")
+    created_at = d.get("created_at")
+    return IncompleteMarker(identity=CacheIdentity.from_dict(d.get("identity"), source),
+                            created_at=created_at if isinstance(created_at, str) else None)
+
+
 def dumps_manifest(d: dict[str, Any]) -> str:
     return json.dumps(d, indent=1, sort_keys=False, allow_nan=False) + "\n"
 

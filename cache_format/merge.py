@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
 
+from cache_format._files import atomic_write, copy_hashing, fsync_dir, temp_name
 from cache_format.errors import CacheExistsError, DuplicateError, IncompatibleCacheError
 from cache_format.manifest import MANIFEST_NAME, ShardInfo, build_manifest, dumps_manifest
 from cache_format.reader import CacheReader, check_sha256, open_cache
-from cache_format.writer import _atomic_write, _fsync_dir
 
 
 def merge_caches(out: str | os.PathLike[str], inputs: list[str | os.PathLike[str]],
@@ -23,6 +23,23 @@ def merge_caches(out: str | os.PathLike[str], inputs: list[str | os.PathLike[str
     if not inputs:
         raise IncompatibleCacheError("merge needs at least one input cache")
     readers: list[CacheReader] = [open_cache(p, storage_options) for p in inputs]
+    units = _check_mergeable(inputs, readers)
+    out_dir = Path(out)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise CacheExistsError(f"{out_dir} is not empty; merge writes a new cache — choose an empty directory")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shards = [info for r in readers for info in _copy_shards(r, out_dir)]
+    fsync_dir(out_dir)
+    identity = readers[0].identity
+    merged_identity = dataclasses.replace(identity, run={"merged_from": [
+        {"path": str(p), "run": r.identity.run} for p, r in zip(inputs, readers, strict=True)]})
+    manifest = build_manifest(merged_identity, readers[0].manifest.shard_encoding, shards, units)
+    atomic_write(out_dir / MANIFEST_NAME, dumps_manifest(manifest).encode())
+    return manifest
+
+
+def _check_mergeable(inputs: list[str | os.PathLike[str]], readers: list[CacheReader]) -> list[int]:
+    """Refuse caches of different dumps, or overlapping work; returns all units, sorted."""
     first = readers[0]
     for path, r in zip(inputs[1:], readers[1:], strict=True):
         diffs = first.identity.diff(r.identity)
@@ -46,32 +63,18 @@ def merge_caches(out: str | os.PathLike[str], inputs: list[str | os.PathLike[str
                 raise DuplicateError(f"sample_id {row.sample_id!r} is in both {seen[row.sample_id]} and {path}; "
                                      "the workers' units overlapped — re-dump with disjoint units")
             seen[row.sample_id] = str(path)
-    out_dir = Path(out)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise CacheExistsError(f"{out_dir} is not empty; merge writes a new cache — choose an empty directory")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    shards: list[ShardInfo] = []
-    for r in readers:
-        for info in r.shard_infos:
-            h = hashlib.sha256()
-            tmp = out_dir / f".tmp-{info.name}"
-            with r.storage.open(info.name) as src, open(tmp, "wb") as dst:
-                while chunk := src.read(8 << 20):
-                    h.update(chunk)
-                    dst.write(chunk)
-                dst.flush()
-                os.fsync(dst.fileno())
-            check_sha256(info, h.hexdigest(), r.storage.describe(info.name))
-            os.replace(tmp, out_dir / info.name)
-            shards.append(info)
-        r.close()
-    _fsync_dir(out_dir)
-    identity = first.identity
-    merged_identity = type(identity)(teacher=identity.teacher, tokenizer=identity.tokenizer, recipe=identity.recipe,
-                                     dataset=identity.dataset, encoding=identity.encoding,
-                                     run={"merged_from": [{"path": str(p), "run": r.identity.run}
-                                                          for p, r in zip(inputs, readers, strict=True)]})
-    units = sorted(unit_owner)
-    manifest = build_manifest(merged_identity, first.manifest.shard_encoding, shards, units)
-    _atomic_write(out_dir / MANIFEST_NAME, dumps_manifest(manifest).encode())
-    return manifest
+    return sorted(unit_owner)
+
+
+def _copy_shards(reader: CacheReader, out_dir: Path) -> list[ShardInfo]:
+    """Copy every shard of ``reader`` into ``out_dir`` (checking its sha256 on the way), each renamed when complete."""
+    for info in reader.shard_infos:
+        tmp = out_dir / temp_name(info.name)
+        with reader.storage.open(info.name) as src, open(tmp, "wb") as dst:
+            digest = copy_hashing(src, dst)
+            dst.flush()
+            os.fsync(dst.fileno())
+        check_sha256(info, digest, reader.storage.describe(info.name))
+        os.replace(tmp, out_dir / info.name)
+    reader.close()
+    return reader.shard_infos

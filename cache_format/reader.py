@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from cache_format.batches import DecodedRow
+from cache_format._files import copy_hashing
+from cache_format.encodings import ENCODINGS
 from cache_format.errors import (
     CacheNotFoundError,
     ChecksumMismatchError,
@@ -30,12 +31,12 @@ from cache_format.manifest import (
     Manifest,
     ShardInfo,
     parse_manifest,
+    parse_marker,
 )
+from cache_format.rows import DecodedRow
 from cache_format.shard import META_BATCH_ROWS, decode_batch, read_shard_encoding
 from cache_format.storage import Storage
 
-# Bytes hashed per read when checking a shard's sha256: large enough for throughput, small for memory.
-_HASH_CHUNK = 8 * 1024 * 1024
 _ARROW_ERRORS = (pa.ArrowInvalid, pa.ArrowIOError, pa.ArrowNotImplementedError, pa.ArrowTypeError,
                  pa.ArrowKeyError, pa.ArrowIndexError, OSError, ValueError, IndexError)
 
@@ -58,6 +59,27 @@ def open_cache(path: str | os.PathLike[str], storage_options: dict[str, Any] | N
     data = storage.read_bytes(MANIFEST_NAME, MAX_MANIFEST_BYTES)
     manifest = parse_manifest(data, storage.describe(MANIFEST_NAME))
     return CacheReader(storage, manifest, verify_checksums=verify_checksums)
+
+
+def read_identity(path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> CacheIdentity | None:
+    """The identity of the cache in ``path`` (local folder or URL), finished or still being written.
+
+    Read from ``manifest.json`` when the cache is complete, else from the writer's unfinished-cache
+    marker (a dump in progress or interrupted). ``None`` when the folder is absent or empty. Raises
+    a ``ManifestError`` when the manifest/marker is unreadable, ``CacheNotFoundError`` when the
+    folder holds files but no kdpipe cache.
+    """
+    storage = Storage(path, storage_options)
+    if storage.exists(MANIFEST_NAME):
+        data = storage.read_bytes(MANIFEST_NAME, MAX_MANIFEST_BYTES)
+        return parse_manifest(data, storage.describe(MANIFEST_NAME)).identity
+    if storage.exists(INCOMPLETE_MARKER):
+        data = storage.read_bytes(INCOMPLETE_MARKER, MAX_MANIFEST_BYTES)
+        return parse_marker(data, storage.describe(INCOMPLETE_MARKER)).identity
+    if storage.is_empty():
+        return None
+    raise CacheNotFoundError(f"{storage.url} is not empty but holds no kdpipe cache (no {MANIFEST_NAME} or "
+                             f"{INCOMPLETE_MARKER}); choose an empty or new folder")
 
 
 class CacheReader:
@@ -212,7 +234,7 @@ class CacheReader:
 
     def _check_ids(self, rows: list[DecodedRow], info: ShardInfo) -> None:
         limit = self.identity.id_limit
-        if self.identity.encoding.kind == "class_logits":
+        if not ENCODINGS[self.identity.encoding.kind].per_position:
             return
         for r in rows:
             if r.ids is not None and r.ids.size and int(r.ids.max()) >= limit:
@@ -256,8 +278,5 @@ def check_sha256(info: ShardInfo, digest: str, where: str) -> None:
 
 
 def sha256_of(storage: Storage, name: str) -> str:
-    h = hashlib.sha256()
     with storage.open(name) as fh:
-        while chunk := fh.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+        return copy_hashing(fh)

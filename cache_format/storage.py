@@ -50,6 +50,17 @@ class Storage:
             return os.path.exists(self.path(name))
         return bool(self._fs.exists(self.path(name)))
 
+    def is_empty(self) -> bool:
+        """True when the root does not exist or holds nothing; a local root that is a file is an error."""
+        if self._fs is None:
+            if os.path.exists(self.root) and not os.path.isdir(self.root):
+                raise CacheNotFoundError(f"{self.root} is a file, not a cache folder; give the cache's folder")
+            return not os.path.isdir(self.root) or not os.listdir(self.root)
+        try:
+            return not self._fs.ls(self.root, detail=False)
+        except FileNotFoundError:
+            return True
+
     def size(self, name: str) -> int:
         try:
             if self._fs is None:

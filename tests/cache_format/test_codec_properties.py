@@ -18,10 +18,9 @@ from cache_format import (
     TopKBatch,
     TopKEncoding,
 )
-from cache_format.batches import check_batch
 from cache_format.codec import MAX_VALUE_CODE
-from cache_format.shard import build_table, decode_batch, read_shard_encoding
-from cache_format.writer import serialize_table
+from cache_format.encodings import check_batch
+from cache_format.shard import build_table, decode_batch, read_shard_encoding, serialize_table
 from helpers.cache import identity
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

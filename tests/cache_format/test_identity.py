@@ -7,11 +7,11 @@ import pytest
 from cache_format import (
     CacheIdentity,
     ClassLogitsEncoding,
-    EncodingError,
     SampledEncoding,
     TopKEncoding,
     tokenizer_fingerprint,
 )
+from cache_format.errors import EncodingError
 from helpers.cache import identity
 
 
@@ -27,11 +27,11 @@ class FakeTokenizer:
 
 
 def test_diff_names_each_field_and_ignores_run() -> None:
-    a = identity(worker=0)
+    a = identity(run={"worker": 0})
     b = CacheIdentity(teacher={**a.teacher, "revision": "r2"}, tokenizer=a.tokenizer, recipe=a.recipe,
                       dataset={**a.dataset, "split": "test"}, encoding=TopKEncoding(k=16), run={"worker": 1})
     assert a.diff(b) == ["dataset.split: 'train' != 'test'", "encoding.k: 8 != 16", "teacher.revision: 'r1' != 'r2'"]
-    assert a.diff(identity(worker=7)) == [] and a.fingerprint() == identity(worker=7).fingerprint()
+    assert a.diff(identity(run={"worker": 7})) == [] and a.fingerprint() == identity(run={"worker": 7}).fingerprint()
     assert a.fingerprint() != b.fingerprint()
     assert CacheIdentity.from_dict(a.to_dict()).diff(a) == []
 

@@ -11,7 +11,8 @@ import jsonschema
 import pytest
 
 import cache_format
-from cache_format import CacheWriter, ManifestError, open_cache
+from cache_format import CacheWriter, open_cache
+from cache_format.errors import ManifestError
 from cache_format.manifest import MANIFEST_NAME, validate_manifest
 from helpers.bad_caches import CASES
 from helpers.cache import make_class_identity, make_sampled_identity, write_topk_cache

@@ -11,13 +11,13 @@ from typer.testing import CliRunner
 from cache_format import (
     CacheExistsError,
     CacheWriter,
-    DuplicateError,
     IncompatibleCacheError,
     TopKEncoding,
     merge_caches,
     open_cache,
     verify_cache,
 )
+from cache_format.errors import DuplicateError
 from helpers.cache import identity, topk_batch, write_topk_cache
 from pipeline.cli_cache import cache_app
 
@@ -26,7 +26,7 @@ UNITS = 6
 
 def worker_cache(root: Path, worker: int, num_workers: int, **run: object) -> Path:
     """Worker i of N writes units j with j % N == i, like the dump does."""
-    with CacheWriter(root, identity(worker=worker, **run)) as w:
+    with CacheWriter(root, identity(run={"worker": worker, **run})) as w:
         for u in range(UNITS):
             if u % num_workers == worker:
                 w.write(topk_batch([f"u{u}-r{i}" for i in range(2)], seed=u))

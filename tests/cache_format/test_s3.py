@@ -14,7 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cache_format import CacheExistsError, CacheNotFoundError, copy_cache, open_cache, verify_cache
+from cache_format import (
+    CacheExistsError,
+    CacheNotFoundError,
+    copy_cache,
+    open_cache,
+    read_identity,
+    verify_cache,
+)
 from helpers.cache import write_topk_cache
 
 # moto is never imported into the test process: its Flask app leaves werkzeug context-local
@@ -89,6 +96,7 @@ def test_upload_then_read_through_the_same_api(s3: dict[str, object], tmp_path: 
         np.testing.assert_array_equal(a.logprobs, b.logprobs)
     assert remote.read_row(1, 2).sample_id == want[5].sample_id
     assert verify_cache(url, s3)["rows"] == 6
+    assert read_identity(url, s3) == open_cache(local).identity
     with pytest.raises(CacheExistsError):
         copy_cache(local, url, dst_storage_options=s3)
     # And back down again.
@@ -99,3 +107,4 @@ def test_upload_then_read_through_the_same_api(s3: dict[str, object], tmp_path: 
 def test_missing_remote_cache_is_a_clear_error(s3: dict[str, object]) -> None:
     with pytest.raises(CacheNotFoundError, match=r"s3://caches/nothing-here/manifest\.json"):
         open_cache("s3://caches/nothing-here", storage_options=s3)
+    assert read_identity("s3://caches/nothing-here", s3) is None

@@ -16,15 +16,13 @@ import pytest
 from cache_format import (
     CacheExistsError,
     CacheWriter,
-    DuplicateError,
-    EncodingError,
     IncompatibleCacheError,
     IncompleteCacheError,
     TopKEncoding,
-    WriterStateError,
     open_cache,
     verify_cache,
 )
+from cache_format.errors import DuplicateError, EncodingError, WriterStateError
 from cache_format.manifest import INCOMPLETE_MARKER, MANIFEST_NAME, PROGRESS_JOURNAL
 from helpers.cache import identity, topk_batch, write_topk_cache
 
@@ -71,7 +69,7 @@ def test_resume_refuses_a_different_identity_naming_the_field(tmp_path: Path) ->
     with pytest.raises(IncompatibleCacheError, match=r"encoding\.k: 8 != 16"):
         CacheWriter(root, other, mode="resume")
     # run info is not part of the identity: a different worker/host may resume.
-    CacheWriter(root, identity(host="elsewhere"), mode="resume").close()
+    CacheWriter(root, identity(run={"host": "elsewhere"}), mode="resume").close()
 
 
 def test_resume_of_a_finished_cache_keeps_it_identical(tmp_path: Path) -> None:

@@ -15,11 +15,10 @@ from typing import Any
 
 import pyarrow as pa
 
-from cache_format import (
-    ChecksumMismatchError,
+from cache_format import ChecksumMismatchError, IncompleteCacheError
+from cache_format.errors import (
     CountMismatchError,
     DuplicateError,
-    IncompleteCacheError,
     InvariantError,
     ManifestError,
     ManifestTooLargeError,

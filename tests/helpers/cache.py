@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -16,19 +17,28 @@ from cache_format import (
     TopKBatch,
     TopKEncoding,
 )
+from cache_format.encodings import Encoding
 
 VOCAB = 1000
 
 
-def identity(encoding: object = None, vocab: int = VOCAB, **run: object) -> CacheIdentity:
+def identity(encoding: Encoding | None = None, vocab: int = VOCAB, *, model_vocab: int | None = None,
+             tokenizer_name: str = "toy-tok", tokenizer_fingerprint: str = "sha256:00", task: str = "lm",
+             max_length: int = 64, run: dict[str, Any] | None = None) -> CacheIdentity:
+    """The one toy identity of the tests and benchmarks: a ``topk`` k=8 cache over a ``vocab``-token tokenizer.
+
+    ``model_vocab`` is the model's (possibly padded) vocab, default ``vocab``; ``run`` is informational.
+    """
     return CacheIdentity(
         teacher={"name": "toy-teacher", "revision": "r1", "dtype": "float32", "backend": "hf",
                  "backend_version": "0"},
-        tokenizer={"name": "toy-tok", "vocab_size": vocab, "model_vocab_size": vocab, "fingerprint": "sha256:00"},
-        recipe={"task": "lm", "template": None, "max_length": 64, "fields": {"text": "text"}},
+        tokenizer={"name": tokenizer_name, "vocab_size": vocab,
+                   "model_vocab_size": vocab if model_vocab is None else model_vocab,
+                   "fingerprint": tokenizer_fingerprint},
+        recipe={"task": task, "template": None, "max_length": max_length, "fields": {"text": "text"}},
         dataset={"name": "toy", "config": None, "split": "train", "fingerprint": "abc", "num_rows": 10},
-        encoding=encoding if encoding is not None else TopKEncoding(k=8),  # type: ignore[arg-type]
-        run=dict(run),
+        encoding=encoding if encoding is not None else TopKEncoding(k=8),
+        run=dict(run or {}),
     )
 
 

@@ -1,0 +1,112 @@
+"""``sampled``: tokens drawn with replacement from the teacher, stored as unique ids with counts (SPEC §3.2)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+
+from cache_format import codec
+from cache_format.encodings.base import (
+    LIST_U8,
+    EncodingFormat,
+    ShardColumns,
+    check_matrix,
+    check_temperature,
+    check_token_row,
+    list_array,
+    plane_fields,
+)
+from cache_format.errors import EncodingError, InvariantError
+from cache_format.rows import DecodedRow, RowBlock, make_locator
+
+# Largest draw count a ``sampled`` cache supports: counts are stored as uint8.
+MAX_NUM_DRAWS = 255
+
+
+@dataclass(frozen=True)
+class SampledEncoding:
+    """``num_draws`` tokens drawn with replacement from the full teacher distribution per position."""
+
+    num_draws: int
+    temperature: float = 1.0  # why: the sampling temperature at capture; 1.0 = the model's own distribution
+    kind: ClassVar[str] = "sampled"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_draws, int) or not 1 <= self.num_draws <= MAX_NUM_DRAWS:
+            raise EncodingError(
+                f"SampledEncoding.num_draws must be an integer in [1, {MAX_NUM_DRAWS}] (counts are uint8), "
+                f"got {self.num_draws!r}")
+        check_temperature(self.temperature, "SampledEncoding")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "num_draws": self.num_draws, "temperature": float(self.temperature)}
+
+
+@dataclass
+class SampledBatch:
+    """Rows of a ``sampled`` cache: ``draws`` are token ids drawn with replacement, [n_pos_total, num_draws]."""
+
+    sample_ids: Sequence[str | int]
+    input_ids: Sequence[np.ndarray]
+    positions: Sequence[np.ndarray]
+    draws: np.ndarray
+    labels: Sequence[int | None] | None = None
+
+
+class SampledFormat(EncodingFormat):
+    kind = "sampled"
+    params = SampledEncoding
+    batch_type = SampledBatch
+
+    def fields(self, enc: dict[str, Any]) -> list[pa.Field]:
+        return [pa.field("sampled_num_unique", LIST_U8, nullable=False),
+                pa.field("sampled_counts", LIST_U8, nullable=False),
+                *plane_fields("sampled_id", int(enc.get("id_bytes", 0)))]
+
+    def check_payload(self, batch: SampledBatch, encoding: SampledEncoding, block: RowBlock) -> dict[str, np.ndarray]:
+        n_pos = block.num_positions
+        draws = np.asarray(batch.draws)
+        check_matrix(draws, (n_pos, encoding.num_draws), "SampledBatch.draws",
+                     f"[total positions={n_pos}, num_draws={encoding.num_draws}]", integer=True)
+        return {"draws": draws.astype(np.int32, copy=False)}
+
+    def encode(self, block: RowBlock, enc: dict[str, Any], id_limit: int) -> dict[str, pa.Array]:
+        n_pos = block.positions_per_row()
+        e = codec.encode_sampled(block.payload["draws"], num_draws=enc["num_draws"], id_limit=id_limit,
+                                 locate=make_locator(block.sample_ids, block.positions))
+        row_of_pos = np.repeat(np.arange(len(n_pos)), n_pos)
+        per_row_unique = np.bincount(row_of_pos, weights=e.num_unique, minlength=len(n_pos)).astype(np.int64)
+        cols = {"sampled_num_unique": list_array(e.num_unique, n_pos, pa.uint8()),
+                "sampled_counts": list_array(e.counts, per_row_unique, pa.uint8())}
+        for b, plane in enumerate(e.id_planes):
+            cols[f"sampled_id_b{b}"] = list_array(plane, per_row_unique, pa.uint8())
+        return cols
+
+    def decode(self, cols: ShardColumns, enc: dict[str, Any], pos_offsets: np.ndarray) -> list[dict[str, Any]]:
+        num_unique, _ = cols.lists("sampled_num_unique", np.diff(pos_offsets))
+        cum = np.concatenate([[0], np.cumsum(num_unique, dtype=np.int64)])
+        per_row = cum[pos_offsets[1:]] - cum[pos_offsets[:-1]]
+        counts, c_off = cols.lists("sampled_counts", per_row)
+        planes = cols.planes("sampled_id", int(enc.get("id_bytes", 0)), per_row)
+        num_draws = int(enc["num_draws"])
+        rows = []
+        for i in range(len(pos_offsets) - 1):
+            a, b = int(pos_offsets[i]), int(pos_offsets[i + 1])
+            ca, cb = int(c_off[i]), int(c_off[i + 1])
+            ids, cnt, lps, tail = codec.decode_sampled(num_unique[a:b], counts[ca:cb], [p[ca:cb] for p in planes],
+                                                       num_draws=num_draws)
+            rows.append({"ids": ids, "logprobs": lps, "tail": tail, "counts": cnt})
+        return rows
+
+    def check_row(self, row: DecodedRow, encoding: SampledEncoding, id_limit: int, where: str) -> None:
+        check_token_row(row, id_limit, where)
+        counts = row.counts if row.counts is not None else np.zeros((0, 0))
+        sums = counts.sum(axis=1) if counts.size else np.zeros(0)
+        if (sums != encoding.num_draws).any():
+            t = int(np.flatnonzero(sums != encoding.num_draws)[0])
+            raise InvariantError(f"{where} position {int(row.positions[t])}: counts sum to {int(sums[t])}, "
+                                 f"not num_draws={encoding.num_draws}")

@@ -1,0 +1,138 @@
+"""Rows in flight: the writer's checked ``RowBlock``, the reader's ``DecodedRow``, and the row checks of every batch.
+
+Batches are checked in the caller's thread for everything that is cheap and structural
+(lengths, shapes, position order, duplicate sample ids), so a mistake fails at the ``write()``
+that made it: the checks common to all encodings are here, the rest in ``encodings/``.
+Numeric checks (NaN, ids >= vocab) run during encoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cache_format.errors import DuplicateError, EncodingError
+
+
+@dataclass
+class DecodedRow:
+    """One sequence read back from a cache.
+
+    ``topk``: ``ids`` int32 [n, k], ``logprobs`` float32 [n, k] (descending, renormalised with
+    ``tail`` so the k+1 buckets sum to 1), ``tail`` float32 [n]. ``sampled``: ``ids``/``counts``/
+    ``logprobs`` padded to the row's largest unique count (padding: id 0, count 0, log-prob
+    -1e9), ``tail`` zeros. ``class_logits``: ``class_logits`` float32 [C]; no positions.
+    """
+
+    sample_id: str
+    input_ids: np.ndarray
+    positions: np.ndarray
+    ids: np.ndarray | None = None
+    logprobs: np.ndarray | None = None
+    tail: np.ndarray | None = None
+    counts: np.ndarray | None = None
+    label: int | None = None
+    class_logits: np.ndarray | None = None
+    shard_index: int = -1
+    row_index: int = -1
+
+    @property
+    def target_mask(self) -> np.ndarray:
+        """bool [len(input_ids)]: True at positions that carry a teacher distribution."""
+        mask = np.zeros(len(self.input_ids), dtype=bool)
+        mask[self.positions] = True
+        return mask
+
+
+@dataclass
+class RowBlock:
+    """A checked batch in the writer's internal form (row lists + concatenated payload)."""
+
+    sample_ids: list[str]
+    input_ids: list[np.ndarray]
+    positions: list[np.ndarray]
+    labels: list[int | None]
+    payload: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.sample_ids)
+
+    @property
+    def num_positions(self) -> int:
+        return int(sum(len(p) for p in self.positions))
+
+    def positions_per_row(self) -> np.ndarray:
+        """int64 [num_rows]: how many target positions each row has."""
+        return np.array([len(p) for p in self.positions], dtype=np.int64)
+
+    def nbytes(self) -> int:
+        """Approximate memory held, used for the shard byte budget."""
+        return int(sum(a.nbytes for a in self.input_ids) + sum(a.nbytes for a in self.positions)
+                   + sum(a.nbytes for a in self.payload.values()) + 64 * self.num_rows)
+
+
+def make_locator(sample_ids: list[str], positions: list[np.ndarray]) -> Any:
+    """Map a flat target-position index to 'sample_id X position t' for error messages."""
+    ends = np.cumsum([len(p) for p in positions])
+
+    def locate(flat: int) -> str:
+        r = int(np.searchsorted(ends, flat, side="right"))
+        start = int(ends[r - 1]) if r else 0
+        if r >= len(sample_ids):
+            return f"flat position {flat}"
+        return f"sample_id {sample_ids[r]!r} position {int(positions[r][flat - start])}"
+
+    return locate
+
+
+def _as_int_array(x: Any, what: str) -> np.ndarray:
+    a = np.asarray(x)
+    if a.ndim != 1:
+        raise EncodingError(f"{what} must be a 1-D integer array, got shape {a.shape}")
+    if a.size and not np.issubdtype(a.dtype, np.integer):
+        raise EncodingError(f"{what} must hold integers, got dtype {a.dtype}")
+    return a.astype(np.int32)
+
+
+def check_rows(batch: Any, id_limit: int | None, need_positions: bool) -> RowBlock:
+    """Checks every batch gets (ids, input_ids, positions, labels); the encoding's payload is left empty."""
+    sids = [str(s) for s in batch.sample_ids]
+    n = len(sids)
+    if len(set(sids)) != n:
+        seen: set[str] = set()
+        dup = next(s for s in sids if s in seen or seen.add(s))  # type: ignore[func-returns-value]
+        raise DuplicateError(f"sample_id {dup!r} appears twice in one batch; sample ids must be unique in a cache")
+    if any(s == "" for s in sids):
+        raise EncodingError("a sample_id is the empty string; give every row a stable non-empty id")
+    raw_inputs = batch.input_ids if batch.input_ids is not None else [np.zeros(0, np.int32)] * n
+    if len(raw_inputs) != n:
+        raise EncodingError(f"batch has {n} sample_ids but {len(raw_inputs)} input_ids arrays; give one per row")
+    inputs = [_as_int_array(x, f"input_ids of sample_id {s!r}") for x, s in zip(raw_inputs, sids, strict=True)]
+    if id_limit is not None:
+        for s, a in zip(sids, inputs, strict=True):
+            if a.size and (int(a.min()) < 0 or int(a.max()) >= id_limit):
+                raise EncodingError(f"input_ids of sample_id {s!r} hold a token id outside [0, {id_limit}); "
+                                    "check the tokenizer/model pairing in the identity")
+    if need_positions:
+        if len(batch.positions) != n:
+            raise EncodingError(f"batch has {n} sample_ids but {len(batch.positions)} positions arrays")
+        positions = [_as_int_array(p, f"positions of sample_id {s!r}") for p, s in
+                     zip(batch.positions, sids, strict=True)]
+        for s, p, x in zip(sids, positions, inputs, strict=True):
+            if p.size and (int(p[0]) < 0 or int(p[-1]) >= len(x) or (p.size > 1 and (np.diff(p) <= 0).any())):
+                raise EncodingError(f"positions of sample_id {s!r} must be strictly increasing and within "
+                                    f"[0, len(input_ids)={len(x)}), got {p[:8].tolist()}...")
+    else:
+        positions = [np.zeros(0, np.int32) for _ in range(n)]
+    labels_in = batch.labels if batch.labels is not None else [None] * n
+    if len(labels_in) != n:
+        raise EncodingError(f"batch has {n} sample_ids but {len(labels_in)} labels; give one per row or None")
+    labels: list[int | None] = []
+    for s, lab in zip(sids, labels_in, strict=True):
+        if lab is not None and (isinstance(lab, bool) or not isinstance(lab, int | np.integer)):
+            raise EncodingError(f"label of sample_id {s!r} must be an int or None, got {lab!r}")
+        labels.append(None if lab is None else int(lab))
+    return RowBlock(sids, inputs, positions, labels)
