@@ -74,29 +74,8 @@ class _Output:
     previous: CacheIdentity | None  # the stored identity of the cache being resumed
 
 
-def _read_identity(path: str | Path, storage_options: dict[str, Any] | None = None) -> CacheIdentity | None:
-    """Stand-in for ``cache_format.read_identity`` (same signature; delete this once that exists).
-
-    The identity from ``manifest.json``, else from the writer's unfinished-cache marker; None for
-    an absent or empty folder; ``ManifestError`` (a ``CacheError``) for an unreadable one.
-    """
-    from cache_format.errors import ManifestError
-    from cache_format.manifest import INCOMPLETE_MARKER, MANIFEST_NAME
-
-    del storage_options  # local folders only here
-    folder = Path(path)
-    sources = [folder / name for name in (MANIFEST_NAME, INCOMPLETE_MARKER) if (folder / name).is_file()]
-    if not sources:
-        return None
-    try:
-        stored = json.loads(sources[0].read_text())["identity"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ManifestError(f"{sources[0]} holds no readable identity ({first_line(exc)})") from None
-    return CacheIdentity.from_dict(stored, str(sources[0]))
-
-
 def _setup_output(cfg: DumpConfig) -> _Output:
-    from cache_format.errors import CacheError
+    from cache_format import CacheError, read_identity
     from cache_format.manifest import INCOMPLETE_MARKER, MANIFEST_NAME
 
     path = Path(cfg.out).expanduser()
@@ -112,7 +91,7 @@ def _setup_output(cfg: DumpConfig) -> _Output:
     if cfg.overwrite:
         return _Output(path, "overwrite", None)
     try:
-        stored = _read_identity(path)
+        stored = read_identity(path)
     except CacheError as exc:
         raise ConfigError(
             f"--out {path} holds a cache this version cannot read ({first_line(exc)}); pass --overwrite to replace it"
