@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Literal
 
@@ -25,6 +26,10 @@ class DumpConfig(StrictModel):
                                                               "without extra packages.")
     task: Task = Field("lm", description="Task recipe; lm is the plain KD case.")
     out: str = Field(description="Cache folder to write (or resume).")
+    out_sampled: str | None = Field(None, description="Also write a sampled cache (--num-draws, --seed) into this "
+                                                      "folder from the same teacher pass as the top-k cache in --out; "
+                                                      "default: none. Each folder is a normal cache, equal to what a "
+                                                      "dump of that encoding alone writes.")
 
     # Data
     dataset: str = Field(description="Local file/folder or hub dataset name.")
@@ -55,6 +60,9 @@ class DumpConfig(StrictModel):
                                              "(<=100 B/token).")
     num_draws: int = Field(32, ge=1, le=255, description="Draws per position (sampled); 32 keeps few unique ids "
                                                          "per position, so sampled caches stay small.")
+    temperature: float = Field(1.0, description="Capture temperature: log-probs and draws come from "
+                                                "softmax(logits / T), recorded in the cache's encoding; 1 = the "
+                                                "teacher's own distribution (students rescale as they need).")
     teacher_generates: bool = Field(False, json_schema_extra=cli_flags("--teacher-generates/--reference-answers"),
                                     description="Reasoning/summarization: the teacher writes the answers "
                                                 "(sequence-level KD, opt-in); default: reference answers.")
@@ -82,6 +90,11 @@ class DumpConfig(StrictModel):
                                                                        "own default.")
     enforce_eager: bool | None = Field(None, description="vLLM eager mode; default: eager on CPU (graph "
                                                          "compilation costs ~40 s there), graphs on GPU.")
+    vllm_capture: Literal["auto", "logprobs", "hidden"] = Field(
+        "auto", description="How vLLM hands out the teacher's distribution: logprobs = prompt log-probs (top-k "
+                            "only, temperature 1, can --teacher-generates); hidden = last hidden states + the "
+                            "teacher's own head applied by kdpipe (every encoding, --out-sampled, any "
+                            "--temperature; classifiers always use it); auto = logprobs where it can, else hidden.")
     seed: int = Field(0, description="Seed of the sampled encoding; draws are seeded from (seed, unit), any "
                                      "fixed value works.")
 
@@ -105,6 +118,49 @@ class DumpConfig(StrictModel):
             raise ValueError(f"must be auto, cpu, cuda, cuda:N or mps, got {v!r}")
         return v
 
+    @field_validator("temperature")
+    @classmethod
+    def _check_temperature(cls, v: float) -> float:
+        if not math.isfinite(v) or v <= 0:
+            raise ValueError(f"must be a positive finite number (1 = the teacher's own distribution), got {v!r}")
+        return v
+
+    def capture_path(self) -> Literal["logprobs", "hidden"] | None:
+        """The vLLM capture this dump uses (``auto`` resolved); None for --backend hf."""
+        if self.backend != "vllm":
+            return None
+        if self.vllm_capture != "auto":
+            return self.vllm_capture
+        # Prompt log-probs give top-k at temperature 1 only, and vLLM classifiers are pooling models.
+        one_topk = self.encoding == "topk" and self.out_sampled is None and self.temperature == 1.0
+        return "logprobs" if one_topk and self.task != "classification" else "hidden"
+
+    def _check_capture(self) -> None:
+        if self.backend != "vllm":
+            if self.vllm_capture != "auto":
+                raise ValueError(f"--vllm-capture {self.vllm_capture} is for --backend vllm; drop it")
+            return
+        if self.vllm_capture == "logprobs":
+            what = ("--task classification" if self.task == "classification" else "--encoding sampled"
+                    if self.encoding == "sampled" else "--out-sampled" if self.out_sampled is not None
+                    else "--temperature other than 1" if self.temperature != 1.0 else None)
+            if what is not None:
+                raise ValueError(f"{what} needs the full distribution, which --vllm-capture logprobs (top-k "
+                                 "prompt log-probs at temperature 1) cannot give; use --vllm-capture hidden or auto")
+        if self.teacher_generates and self.capture_path() == "hidden":
+            raise ValueError("--teacher-generates with --backend vllm needs --vllm-capture logprobs (one top-k cache "
+                             "at temperature 1): the pooling runner behind hidden-state capture cannot generate; "
+                             "use --backend hf for this combination")
+
+    def _check_outputs(self) -> None:
+        if self.out_sampled is None:
+            return
+        if self.task == "classification" or self.encoding != "topk":
+            raise ValueError("--out-sampled adds a sampled cache beside a top-k one: it needs --encoding topk and "
+                             "a task other than classification")
+        if self.out_sampled.rstrip("/") == self.out.rstrip("/"):
+            raise ValueError("--out-sampled must be another folder than --out (each holds one cache)")
+
     @model_validator(mode="after")
     def _check_combinations(self) -> DumpConfig:
         if self.worker_index >= self.num_workers:
@@ -113,11 +169,11 @@ class DumpConfig(StrictModel):
             )
         if self.load_in_4bit and self.load_in_8bit:
             raise ValueError("--load-in-4bit and --load-in-8bit exclude each other; pick one")
-        if self.backend == "vllm" and self.encoding == "sampled":
-            raise ValueError("--encoding sampled needs the full distribution, which vLLM only returns as Python "
-                             "objects per vocabulary entry; use --backend hf for sampled caches")
-        if self.backend == "vllm" and self.task == "classification":
-            raise ValueError("--task classification needs a sequence-classifier head; use --backend hf")
+        if self.task == "classification" and self.temperature != 1.0:
+            raise ValueError("--temperature applies to token distributions; class logits are stored as produced "
+                             "(drop --temperature, or rescale when training)")
+        self._check_outputs()
+        self._check_capture()
         if self.task == "classification" and self.encoding == "sampled":
             raise ValueError("--encoding sampled does not apply to --task classification (it stores class logits)")
         if self.max_logprobs is not None and self.encoding == "topk" and self.task != "classification" \

@@ -27,17 +27,27 @@ import json
 import re
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-
 from cache_format import CacheIdentity
 from pipeline.config import save_resolved_config
 from pipeline.dump.config import DumpConfig
+from pipeline.dump.outputs import (
+    Sink,
+    capture_label,
+    check_distinct,
+    check_given_backend,
+    format_with_outputs,
+    resolve_capture,
+    sink_configs,
+    unit_batches,
+)
+from pipeline.dump.outputs import unit_seed as unit_seed  # re-exported
 from pipeline.dump.summary import build_summary
-from pipeline.dump.summary import format_summary as format_summary  # re-exported for the CLI
+from pipeline.dump.summary import format_summary as _format_cache_summary
 from pipeline.dump.tasks import (
     Example,
     RecipeConfig,
@@ -57,11 +67,6 @@ def unit_slices(n_rows: int, unit_rows: int) -> list[tuple[int, int]]:
 def my_units(n_units: int, num_workers: int, worker_index: int) -> list[int]:
     """Units of worker ``worker_index``: j % num_workers == worker_index."""
     return list(range(worker_index, n_units, num_workers))
-
-
-def unit_seed(seed: int, unit: int) -> int:
-    """A per-unit seed for the sampled encoding, the same whichever worker or run does the unit."""
-    return int(np.random.SeedSequence([seed, unit]).generate_state(1)[0])
 
 
 # ----------------------------------------------------------------------------- setup steps
@@ -175,10 +180,10 @@ def _encoding(cfg: DumpConfig, info: _ModelInfo) -> Any:
                              "sequence classifier")
         names = [info.id2label.get(i, str(i)) for i in range(info.num_labels)]
         return ClassLogitsEncoding(num_classes=info.num_labels, labels=names)
-    # Temperature 1 (the teacher's own distribution): the trainer applies its own temperature.
+    # The capture temperature (default 1, the teacher's own distribution); the trainer rescales as it needs.
     if cfg.encoding == "sampled":
-        return SampledEncoding(num_draws=cfg.num_draws)
-    return TopKEncoding(k=cfg.top_k)
+        return SampledEncoding(num_draws=cfg.num_draws, temperature=cfg.temperature)
+    return TopKEncoding(k=cfg.top_k, temperature=cfg.temperature)
 
 
 # Files whose bytes define a local model; tokenizer files are covered by the tokenizer fingerprint.
@@ -271,7 +276,8 @@ def _setup_backend(cfg: DumpConfig, tok: Any, max_length: int) -> Any:
         attn_implementation=cfg.attn_implementation, load_in_4bit=cfg.load_in_4bit, load_in_8bit=cfg.load_in_8bit,
         batch_size=cfg.batch_size, max_length=max_length, max_logprobs=cfg.max_logprobs or cfg.top_k,
         tensor_parallel_size=cfg.tensor_parallel_size, gpu_memory_utilization=cfg.gpu_memory_utilization,
-        enforce_eager=cfg.enforce_eager, seed=cfg.seed,
+        enforce_eager=cfg.enforce_eager, seed=cfg.seed, temperature=cfg.temperature,
+        vllm_capture=cfg.capture_path() or "logprobs",
         extra={"pad_token_id": tok.pad_token_id, "top_k": cfg.top_k},
     )
     return make_backend(settings)
@@ -299,24 +305,6 @@ def _generate_responses(backend: Any, rows: list[Example], cfg: DumpConfig, tok:
     return out
 
 
-def _unit_batch(backend: Any, rows: list[Example], cfg: DumpConfig, unit: int) -> Any:
-    """Run the teacher over one unit's rows and build the writer batch (rows in unit order)."""
-    from cache_format import ClassLogitsBatch, SampledBatch, TopKBatch
-
-    sids = [str(ex.sample_id) for ex in rows]
-    seqs = [ex.input_ids for ex in rows]
-    labels = [ex.label for ex in rows]
-    if cfg.task == "classification":
-        logits = backend.class_logits(seqs)
-        return ClassLogitsBatch(sample_ids=sids, logits=logits, labels=labels, input_ids=seqs)
-    positions = [ex.positions for ex in rows]
-    if cfg.encoding == "sampled":
-        draws = backend.sample(seqs, positions, cfg.num_draws, unit_seed(cfg.seed, unit))
-        return SampledBatch(sample_ids=sids, input_ids=seqs, positions=positions, draws=draws)
-    ids, lps = backend.topk(seqs, positions, cfg.top_k)
-    return TopKBatch(sample_ids=sids, input_ids=seqs, positions=positions, ids=ids, logprobs=lps)
-
-
 def _progress(cfg: DumpConfig, total: int, initial: int) -> Any:
     from tqdm.auto import tqdm
 
@@ -324,18 +312,19 @@ def _progress(cfg: DumpConfig, total: int, initial: int) -> Any:
                 file=sys.stderr, disable=not cfg.progress, smoothing=0.1)
 
 
-def _run_units(cfg: DumpConfig, backend: Any, writer: Any, examples: list[Example], tok: Any, max_length: int,
-               counts: dict[str, int]) -> dict[str, Any]:
+def _run_units(cfg: DumpConfig, backend: Any, sinks: list[Sink], examples: list[Example], tok: Any,
+               max_length: int, counts: dict[str, int]) -> dict[str, Any]:
     slices = unit_slices(len(examples), cfg.unit_rows)
     mine = my_units(len(slices), cfg.num_workers, cfg.worker_index)
-    done = writer.completed_units
-    todo = [u for u in mine if u not in done]
+    # A unit runs when any cache lacks it (a crash may fall between two caches' end_unit), and
+    # its batches go only to the caches that lack it.
+    todo = [u for u in mine if any(u not in s.done for s in sinks)]
 
     def unit_tokens(u: int) -> int:
         s, e = slices[u]
         return int(sum(len(ex.input_ids) for ex in examples[s:e]))
 
-    done_tokens = sum(unit_tokens(u) for u in mine if u in done)
+    done_tokens = sum(unit_tokens(u) for u in mine if u not in todo)
     bar = _progress(cfg, done_tokens + sum(unit_tokens(u) for u in todo), done_tokens)
     tokens = 0
     handoff_s = 0.0  # caller-side time in writer.write/end_unit: batch checks + queueing (incl. blocked)
@@ -345,15 +334,16 @@ def _run_units(cfg: DumpConfig, backend: Any, writer: Any, examples: list[Exampl
             rows = examples[s:e]
             if cfg.teacher_generates:
                 rows = _generate_responses(backend, rows, cfg, tok, max_length, counts)
-            batch = _unit_batch(backend, rows, cfg, u) if rows else None
+            need = [sk for sk in sinks if u not in sk.done]
+            batches = unit_batches(backend, rows, cfg, u, [sk.cfg.encoding for sk in need]) if rows else []
             t0 = time.perf_counter()
-            if batch is not None:
-                writer.write(batch)
-            writer.end_unit(u)
+            for i, sk in enumerate(need):
+                if batches:
+                    sk.writer.write(batches[i])
+                sk.writer.end_unit(u)
             handoff_s += time.perf_counter() - t0
-            n = unit_tokens(u)
             tokens += int(sum(len(ex.input_ids) for ex in rows))
-            bar.update(n)
+            bar.update(unit_tokens(u))
     finally:
         bar.close()
     return {"units_total": len(slices), "units_mine": len(mine), "units_resumed": len(mine) - len(todo),
@@ -376,27 +366,49 @@ def _save_config(cfg: DumpConfig, out: Path) -> None:
     save_resolved_config(cfg.model_copy(update={"overwrite": False}), path.parent, name=path.name)
 
 
+def _setup_outputs(configs: list[tuple[DumpConfig, str]]) -> list[_Output]:
+    outs = []
+    for c, flag in configs:
+        try:
+            outs.append(_setup_output(c))
+        except ConfigError as exc:
+            raise ConfigError(str(exc).replace("--out ", f"{flag} ", 1)) from None
+    check_distinct([o.path for o in outs])
+    return outs
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """The end-of-dump lines: the ``--out`` cache's, the teacher path, caches written from the same pass."""
+    return format_with_outputs(s, _format_cache_summary(s))
+
+
 def run_dump(cfg: DumpConfig, backend: Any = None) -> dict[str, Any]:
     """Run the dump described by ``cfg``; returns the summary (also printed by the CLI).
 
     ``backend``: an already loaded teacher (``pipeline.dump.teachers.make_backend``) to reuse across
     dumps, e.g. one vLLM engine for several caches; it must match ``cfg`` and is not closed here.
+    With ``--out-sampled`` one teacher pass per unit feeds two writers; the summary is the
+    ``--out`` cache's, with the other cache's under ``also_written``.
     """
     from cache_format import CacheWriter
 
     t_start = time.perf_counter()
-    out = _setup_output(cfg)
+    cfg = resolve_capture(cfg)
+    configs = sink_configs(cfg)
+    outs = _setup_outputs(configs)
     info = _setup_model_info(cfg)
     tok = _setup_tokenizer(cfg)
     max_length = _check_against_model(cfg, info, tok)
     ds, recipe, rcfg = _setup_examples(cfg, tok, info, max_length)
-    identity = _setup_identity(cfg, tok, info, ds, rcfg, max_length)
-    _check_resume(cfg, out, identity)
+    sinks = [Sink(c, out, _setup_identity(c, tok, info, ds, rcfg, max_length), flag)
+             for (c, flag), out in zip(configs, outs, strict=True)]
+    for sk in sinks:
+        _check_resume(sk.cfg, sk.out, sk.identity)
     own_backend = backend is None
     if own_backend:
         backend = _setup_backend(cfg, tok, max_length)
-    elif backend.name != cfg.backend:
-        raise ConfigError(f"the given teacher backend is {backend.name} but --backend is {cfg.backend}")
+    else:
+        check_given_backend(cfg, backend)
     backend.timing = type(backend.timing)()  # this dump's time only
     counts = {"truncated": int(recipe.stats.get("truncated", 0)),
               "split_documents": int(recipe.stats.get("split_documents", 0)),
@@ -406,15 +418,23 @@ def run_dump(cfg: DumpConfig, backend: Any = None) -> dict[str, Any]:
     setup_s = time.perf_counter() - t_start
     try:
         t0 = time.perf_counter()
-        with CacheWriter(out.path, identity, mode=out.mode, **writer_kwargs) as writer:
-            _save_config(cfg, out.path)
-            loop = _run_units(cfg, backend, writer, recipe.examples, tok, max_length, counts)
+        with ExitStack() as stack:
+            for sk in sinks:
+                sk.writer = stack.enter_context(CacheWriter(sk.out.path, sk.identity, mode=sk.out.mode,
+                                                            **writer_kwargs))
+                sk.done = frozenset(sk.writer.completed_units)
+                _save_config(sk.cfg, sk.out.path)
+            loop = _run_units(cfg, backend, sinks, recipe.examples, tok, max_length, counts)
             t_fin = time.perf_counter()
-            manifest = writer.finalize()  # waits for the last unit's encode+write: the only part not overlapped
+            # finalize waits for the last unit's encode+write: the only part not overlapped.
+            manifests = [sk.writer.finalize() for sk in sinks]
             loop["finalize_s"] = time.perf_counter() - t_fin
-            stats = dict(writer.stats)
+            stats = [dict(sk.writer.stats) for sk in sinks]
         wall = time.perf_counter() - t0
     finally:
         if own_backend:
             backend.close()
-    return build_summary(manifest, loop, backend.timing.as_dict(), stats, wall, setup_s, counts, out.path)
+    timing = backend.timing.as_dict()
+    summaries = [build_summary(m, loop, timing, st, wall, setup_s, counts, sk.out.path)
+                 for m, st, sk in zip(manifests, stats, sinks, strict=True)]
+    return {**summaries[0], "capture": capture_label(cfg), "also_written": summaries[1:]}

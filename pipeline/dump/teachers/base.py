@@ -4,10 +4,12 @@ A backend takes token-id sequences and the target positions of each (position co
 docs/ARCHITECTURE.md: position ``t`` predicts token ``t + 1``) and returns numpy arrays with the
 rows' positions concatenated in the order the rows were given:
 
-- :meth:`TeacherBackend.topk`: ``ids`` int32 [n_pos, k] and ``logprobs`` float32 [n_pos, k],
-  exact log-softmax values (float32 over the full vocabulary), descending per position;
-- :meth:`TeacherBackend.sample`: ``draws`` int32 [n_pos, num_draws], tokens drawn with
-  replacement from the full distribution;
+- :meth:`TeacherBackend.capture`: whatever a :class:`Want` asks for, from **one** teacher pass:
+  top-k (``ids`` int32 [n_pos, k] and ``logprobs`` float32 [n_pos, k], exact log-softmax values,
+  float32 over the full vocabulary, descending per position) and/or draws (int32
+  [n_pos, num_draws], tokens drawn with replacement from the full distribution); all at the
+  settings' capture ``temperature`` (1 = the model's own distribution);
+- :meth:`TeacherBackend.topk` / :meth:`TeacherBackend.sample`: one of them alone;
 - :meth:`TeacherBackend.class_logits`: float32 [n_rows, num_classes];
 - :meth:`TeacherBackend.generate`: greedy continuations (list of int32 arrays).
 
@@ -58,7 +60,37 @@ class TeacherSettings:
     gpu_memory_utilization: float = 0.9
     enforce_eager: bool | None = None
     seed: int = 0
+    # Capture temperature: log-probs and draws come from softmax(logits / temperature).
+    temperature: float = 1.0
+    # vLLM only: "logprobs" = prompt log-probs (top-k only, can generate), "hidden" = the pooling
+    # runner's last hidden states + the teacher's own head applied by kdpipe (every encoding).
+    vllm_capture: Literal["logprobs", "hidden"] = "logprobs"
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Want:
+    """What one teacher pass produces at each target position: top-k and/or ``num_draws`` seeded draws."""
+
+    top_k: int | None = None
+    num_draws: int | None = None
+    seed: int = 0
+
+
+@dataclass
+class Captured:
+    """One pass's outputs (``None`` where not asked for), rows' positions concatenated in row order."""
+
+    ids: np.ndarray | None = None  # int32 [n_pos, k]
+    logprobs: np.ndarray | None = None  # float32 [n_pos, k], descending
+    draws: np.ndarray | None = None  # int32 [n_pos, num_draws]
+
+    @classmethod
+    def empty(cls, want: Want) -> Captured:
+        k, d = want.top_k, want.num_draws
+        return cls(ids=None if k is None else np.zeros((0, k), np.int32),
+                   logprobs=None if k is None else np.zeros((0, k), np.float32),
+                   draws=None if d is None else np.zeros((0, d), np.int32))
 
 
 @dataclass
@@ -81,14 +113,28 @@ class TeacherBackend(ABC):
         self.timing = Timing()
 
     @abstractmethod
+    def capture(self, seqs: list[np.ndarray], positions: list[np.ndarray], want: Want) -> Captured:
+        """Everything ``want`` asks for at each target position, from one pass over ``seqs``."""
+
     def topk(self, seqs: list[np.ndarray], positions: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k of each target position: (ids int32 [n_pos, k], logprobs float32 [n_pos, k])."""
+        got = self.capture(seqs, positions, Want(top_k=k))
+        assert got.ids is not None and got.logprobs is not None  # why: capture fills what was asked for
+        return got.ids, got.logprobs
 
     def sample(
         self, seqs: list[np.ndarray], positions: list[np.ndarray], num_draws: int, seed: int
     ) -> np.ndarray:
         """``num_draws`` tokens per target position from the full distribution: int32 [n_pos, num_draws]."""
-        raise BackendError(f"the {self.name} backend cannot write --encoding sampled; use --backend hf")
+        got = self.capture(seqs, positions, Want(num_draws=num_draws, seed=seed))
+        assert got.draws is not None  # why: capture fills what was asked for
+        return got.draws
+
+    def check_want(self, want: Want) -> None:
+        """Refuse a k the vocabulary cannot give (one clear error before any work)."""
+        if want.top_k is not None and want.top_k > self.vocab_size:
+            raise BackendError(f"--top-k {want.top_k} exceeds the teacher's vocabulary of {self.vocab_size}; "
+                               "lower --top-k")
 
     def class_logits(self, seqs: list[np.ndarray]) -> np.ndarray:
         """Class logits of each sequence: float32 [n_rows, num_classes]."""

@@ -2,10 +2,12 @@
 
 The decoder runs once per batch (right padding + attention mask, rows sorted by length so
 batches pad little); only the hidden states of *target* positions go through the LM head, in
-chunks of at most ``_CHUNK_ELEMENTS`` logits, so a ``[batch, seq, vocab]`` float32 tensor is never
+chunks of at most 2**24 logits, so a ``[batch, seq, vocab]`` float32 tensor is never
 held. The ``sampled`` encoding draws with ``torch.multinomial`` from the same float32 softmax
 (the full distribution), with a generator seeded by the dump per work unit, so a resumed or
-split dump draws the same tokens.
+split dump draws the same tokens. Batching, chunking and the head's arithmetic live in
+:mod:`.head`, shared with vLLM's hidden-state capture so both backends give the same numbers
+(and the same draws).
 """
 
 from __future__ import annotations
@@ -16,59 +18,19 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.dump.teachers.base import BackendError, TeacherBackend, TeacherSettings, package_version
+from pipeline.dump.teachers.base import (
+    BackendError,
+    Captured,
+    TeacherBackend,
+    TeacherSettings,
+    Want,
+    package_version,
+)
+from pipeline.dump.teachers.head import capture_batches, chunk_rows, flat_target_index, postprocessed
+from pipeline.dump.teachers.head import chunked_topk as chunked_topk  # re-exported (tests, callers)
+from pipeline.dump.teachers.head import length_batches as length_batches  # re-exported
 from pipeline.errors import ModelError
 from pipeline.hf_io import greedy_generate, load_model, pad, torch_dtype
-
-# 2**24 float32 logits = 64 MiB per chunk: big enough to keep the matmul efficient, small enough
-# for any GPU next to a large teacher (a 150k vocabulary gives chunks of ~110 positions).
-_CHUNK_ELEMENTS = 1 << 24
-
-
-def flat_target_index(positions: list[np.ndarray], T: int) -> np.ndarray:
-    """Index of each target into the flattened [B * T] hidden states: int64 [n_pos] (row-major)."""
-    if not positions:
-        return np.zeros(0, dtype=np.int64)
-    rows = np.repeat(np.arange(len(positions), dtype=np.int64), [len(p) for p in positions])
-    return rows * T + np.concatenate(positions).astype(np.int64)
-
-
-def chunked_topk(hidden: Any, head: Callable[[Any], Any], k: int, chunk: int) -> tuple[Any, Any]:
-    """Top-k of ``log_softmax(head(hidden))`` in float32, ``chunk`` rows at a time.
-
-    hidden: [n, H] -> (values float32 [n, k] descending, indices int64 [n, k]).
-    """
-    import torch
-
-    vals, idxs = [], []
-    for s in range(0, hidden.shape[0], chunk):
-        logp = torch.log_softmax(head(hidden[s : s + chunk]).float(), dim=-1)
-        v, i = torch.topk(logp, k, dim=-1, largest=True, sorted=True)
-        vals.append(v)
-        idxs.append(i)
-    if not vals:
-        return torch.zeros(0, k), torch.zeros(0, k, dtype=torch.long)
-    return torch.cat(vals), torch.cat(idxs)
-
-
-def chunked_sample(hidden: Any, head: Callable[[Any], Any], num_draws: int, chunk: int, gen: Any) -> Any:
-    """Draws with replacement from ``softmax(head(hidden))`` (float32): int64 [n, num_draws]."""
-    import torch
-
-    out = []
-    for s in range(0, hidden.shape[0], chunk):
-        probs = torch.softmax(head(hidden[s : s + chunk]).float(), dim=-1)
-        # multinomial on the generator's device; CPU draws keep results identical across devices.
-        out.append(torch.multinomial(probs.cpu(), num_draws, replacement=True, generator=gen))
-    if not out:
-        return torch.zeros(0, num_draws, dtype=torch.long)
-    return torch.cat(out)
-
-
-def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Row indices grouped into batches of similar length (longest first; ties keep row order)."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
 
 
 class HFTeacher(TeacherBackend):
@@ -87,7 +49,7 @@ class HFTeacher(TeacherBackend):
         self.max_context = getattr(cfg, "max_position_embeddings", None)
         self.num_labels = int(getattr(cfg, "num_labels", 0) or 0)
         self._head = self._setup_head()
-        self._chunk = max(1, _CHUNK_ELEMENTS // max(1, self.vocab_size))
+        self._chunk = chunk_rows(self.vocab_size)
         self._sync: Callable[[], None] = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
 
     # -- setup -----------------------------------------------------------------------------
@@ -147,23 +109,7 @@ class HFTeacher(TeacherBackend):
             return None
         if head is None or self._decoder is None:
             return None
-        cfg = self.model.config
-        softcap = getattr(cfg, "final_logit_softcapping", None)
-        scale = getattr(cfg, "logit_scale", None)
-        if softcap is None and scale is None:
-            return head
-        import torch
-
-        def capped(h: Any) -> Any:
-            # Models that post-process logits in their forward (Gemma-2 soft-capping, Cohere scaling).
-            logits = head(h)
-            if scale is not None:
-                logits = logits * scale
-            if softcap is not None:
-                logits = torch.tanh(logits / softcap) * softcap
-            return logits
-
-        return capped
+        return postprocessed(head, self.model.config)
 
     # -- forward ---------------------------------------------------------------------------
 
@@ -180,55 +126,14 @@ class HFTeacher(TeacherBackend):
             logits = self.model(input_ids=ids_t, attention_mask=mask_t, use_cache=False).logits
             return logits.reshape(-1, logits.shape[-1])[flat], (lambda x: x)
 
-    def _run_batches(
-        self,
-        seqs: list[np.ndarray],
-        positions: list[np.ndarray],
-        compute: Callable[[Any, Callable[[Any], Any]], tuple[Any, ...]],
-    ) -> list[np.ndarray]:
-        """Run ``compute(hidden, head)`` per length-sorted batch; outputs back in row order, concatenated."""
-        import torch
-
-        per_row: list[list[np.ndarray]] = [[] for _ in seqs]
-        n_out = 0
-        for batch in length_batches([len(s) for s in seqs], self.settings.batch_size):
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                hidden, head = self._target_hidden([seqs[i] for i in batch], [positions[i] for i in batch])
-                outs = compute(hidden, head)
-            self._sync()
-            t1 = time.perf_counter()
-            arrays = [o.cpu().numpy() for o in outs]
-            n_out = len(arrays)
-            cuts = np.cumsum([len(positions[i]) for i in batch])[:-1]
-            for a in arrays:
-                for row, part in zip(batch, np.split(a, cuts), strict=True):
-                    per_row[row].append(part)
-            self.timing.teacher_s += t1 - t0
-            self.timing.convert_s += time.perf_counter() - t1
-        t2 = time.perf_counter()
-        result = [np.concatenate([per_row[r][j] for r in range(len(seqs))]) for j in range(n_out)]
-        self.timing.convert_s += time.perf_counter() - t2
-        return result
-
-    def topk(self, seqs: list[np.ndarray], positions: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
-        if k > self.vocab_size:
-            raise BackendError(f"--top-k {k} exceeds the teacher's vocabulary of {self.vocab_size}; lower --top-k")
-        if not any(len(p) for p in positions):
-            return np.zeros((0, k), np.int32), np.zeros((0, k), np.float32)
-        vals, idx = self._run_batches(seqs, positions, lambda h, head: chunked_topk(h, head, k, self._chunk))
-        return idx.astype(np.int32), vals.astype(np.float32, copy=False)
-
-    def sample(self, seqs: list[np.ndarray], positions: list[np.ndarray], num_draws: int, seed: int) -> np.ndarray:
-        import torch
-
-        if not any(len(p) for p in positions):
-            return np.zeros((0, num_draws), np.int32)
-        gen = torch.Generator(device="cpu").manual_seed(int(seed))
-        (draws,) = self._run_batches(
-            seqs, positions, lambda h, head: (chunked_sample(h, head, num_draws, self._chunk, gen),)
+    def capture(self, seqs: list[np.ndarray], positions: list[np.ndarray], want: Want) -> Captured:
+        self.check_want(want)
+        return capture_batches(
+            [len(s) for s in seqs], positions, want,
+            lambda rows: self._target_hidden([seqs[i] for i in rows], [positions[i] for i in rows]),
+            batch_size=self.settings.batch_size, chunk=self._chunk, temperature=self.settings.temperature,
+            timing=self.timing, sync=self._sync,
         )
-        return draws.astype(np.int32)
 
     def class_logits(self, seqs: list[np.ndarray]) -> np.ndarray:
         import torch

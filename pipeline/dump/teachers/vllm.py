@@ -1,18 +1,16 @@
-"""vLLM teacher: prompt log-probs of token-id prompts, converted to arrays without per-entry objects.
+"""vLLM teacher: two capture paths, both turned into arrays without Python objects per vocabulary entry.
 
-Engine settings and why:
+``vllm_capture="logprobs"`` (top-k only; the one that can also generate): prompt log-probs of
+token-id prompts through the generate runner. Engine settings and why:
 
 - ``max_logprobs >= k`` (vLLM refuses larger requests), ``logprobs_mode="raw_logprobs"`` set
-  explicitly (the log-softmax of the raw logits, what the HF backend computes),
+  explicitly (the log-softmax of the raw logits, what the HF backend computes; prompt log-probs
+  never see a temperature, so this path captures at temperature 1 only),
   ``enable_prefix_caching=False`` (cached prefixes return no prompt log-probs);
 - ``SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=k, flat_logprobs=True,
   detokenize=False)``: flat lists and no detokenization each roughly double throughput;
   ``logprobs=k`` only when a row targets its last position (that distribution is the one of
-  the first generated token);
-- on CPU: ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (in-process engine; the multiprocess one aborted
-  at exit here) and ``VLLM_CPU_KVCACHE_SPACE`` (start-up fails its memory check without it),
-  both set only when the user has not; ``enforce_eager`` defaults to on for CPU (torch.compile
-  costs ~40 s of start-up for a tiny model), off on GPU (CUDA graphs pay off there).
+  the first generated token).
 
 Position alignment: vLLM's ``prompt_logprobs[t]`` is P(token t | tokens < t) (index 0 empty), so
 the cache's position ``t`` (next-token distribution after ``t``) is ``prompt_logprobs[t + 1]`` and
@@ -20,9 +18,23 @@ the last position is ``outputs[0].logprobs[0]``. Each position lists the actual 
 then the top-k; the actual token is an extra (k+1-th) entry, so a position with k+1 entries drops
 its first one, and the k kept entries are sorted by log-prob.
 
-The ``sampled`` encoding needs the full distribution, which vLLM hands out only as Python lists
-of ``vocab`` floats per position; this backend refuses it (use ``--backend hf``). Classification
-(sequence-classifier heads) is likewise HF-only.
+``vllm_capture="hidden"`` (every encoding, several from one pass, any temperature): the pooling
+runner (``runner="pooling", convert="embed"``, ``token_embed`` with ``use_activation=False``)
+returns every prompt position's last hidden state, after the final norm (measured: within
+1e-6 of transformers' ``last_hidden_state`` on a float32 Llama); position ``t`` is the cache's
+position ``t``, the last one included. kdpipe then applies the teacher's own head, read from its
+checkpoint (:func:`.head.load_output_head`), in chunks on the device vLLM runs on, through the
+same batching and chunking code as the HF backend, so the two give the same log-probs and, for
+the same seed, the same draws. Classifiers (``kind="classifier"``) use the pooling runner's
+``classify`` task with ``use_activation=False``: the raw class logits of the last position
+(vLLM does not pad, so that is the row's last token).
+
+The pooling runner cannot generate: ``--teacher-generates`` needs the logprobs path.
+
+On CPU: ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (in-process engine; the multiprocess one aborted
+at exit here) and ``VLLM_CPU_KVCACHE_SPACE`` (start-up fails its memory check without it),
+both set only when the user has not; ``enforce_eager`` defaults to on for CPU (torch.compile
+costs ~40 s of start-up for a tiny model), off on GPU (CUDA graphs pay off there).
 """
 
 from __future__ import annotations
@@ -33,9 +45,17 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.dump.teachers.base import BackendError, TeacherBackend, TeacherSettings, package_version
+from pipeline.dump.teachers.base import (
+    BackendError,
+    Captured,
+    TeacherBackend,
+    TeacherSettings,
+    Want,
+    package_version,
+)
+from pipeline.dump.teachers.head import capture_batches, chunk_rows, load_output_head
 from pipeline.errors import ModelError
-from pipeline.hf_io import cut_at_eos, first_line
+from pipeline.hf_io import cut_at_eos, first_line, torch_dtype
 
 _INSTALL_HINT = (
     "--backend vllm needs the vllm package: pip install 'kdpipe[vllm]' on a CUDA machine, or "
@@ -115,48 +135,131 @@ class VLLMTeacher(TeacherBackend):
 
     def __init__(self, settings: TeacherSettings) -> None:
         super().__init__()
-        if settings.kind != "causal_lm":
-            raise BackendError("the vllm backend cannot run --task classification; use --backend hf")
         if settings.load_in_4bit or settings.load_in_8bit:
             raise BackendError("--load-in-4bit/--load-in-8bit are for --backend hf; vLLM loads quantized checkpoints itself")
         self.settings = settings
+        # Classifiers go through the pooling runner too (its classify task), like hidden-state capture.
+        self.capture_path = "hidden" if settings.kind == "classifier" else settings.vllm_capture
         self._vllm = _import_vllm()
         self.llm = self._setup_engine(settings)
-        hf_cfg = self.llm.llm_engine.model_config.hf_config
+        model_config = self.llm.llm_engine.model_config
+        hf_cfg = model_config.hf_config
         self.vocab_size = int(getattr(hf_cfg, "vocab_size", 0) or 0)
-        self.max_context = self.llm.llm_engine.model_config.max_model_len
+        self.num_labels = int(getattr(hf_cfg, "num_labels", 0) or 0)
+        self.max_context = model_config.max_model_len
+        self._head: Any = None
+        if self.capture_path == "hidden" and settings.kind == "causal_lm":
+            self._setup_head(settings)
 
-    def _setup_engine(self, settings: TeacherSettings) -> Any:
-        from vllm.platforms import current_platform
+    # -- setup -----------------------------------------------------------------------------
 
-        on_cpu = current_platform.is_cpu()
-        eager = settings.enforce_eager if settings.enforce_eager is not None else on_cpu
-        max_logprobs = settings.max_logprobs if settings.max_logprobs is not None else settings.extra.get("top_k", 20)
+    def _engine_kwargs(self, settings: TeacherSettings, on_cpu: bool) -> dict[str, Any]:
         kwargs: dict[str, Any] = {
             "model": settings.model,
             "revision": settings.revision,
             "trust_remote_code": settings.trust_remote_code,
             "dtype": settings.dtype,
-            "max_logprobs": int(max_logprobs),
-            "logprobs_mode": "raw_logprobs",
             "enable_prefix_caching": False,
             # +1: vLLM counts the one token it must generate after each (max_length-token) prompt.
             "max_model_len": int(settings.max_length) + 1,
             "tensor_parallel_size": settings.tensor_parallel_size,
-            "enforce_eager": eager,
+            "enforce_eager": settings.enforce_eager if settings.enforce_eager is not None else on_cpu,
             "seed": settings.seed,
         }
         if not on_cpu:
             kwargs["gpu_memory_utilization"] = settings.gpu_memory_utilization
+        if self.capture_path == "logprobs":
+            max_logprobs = settings.max_logprobs if settings.max_logprobs is not None else settings.extra.get("top_k", 20)
+            kwargs.update(max_logprobs=int(max_logprobs), logprobs_mode="raw_logprobs")
+            return kwargs
+        from vllm.config import PoolerConfig
+
+        if settings.kind == "classifier":
+            kwargs.update(runner="pooling", pooler_config=PoolerConfig(task="classify", use_activation=False))
+        else:
+            kwargs.update(runner="pooling", convert="embed",
+                          pooler_config=PoolerConfig(task="token_embed", use_activation=False))
+        return kwargs
+
+    def _setup_engine(self, settings: TeacherSettings) -> Any:
+        from vllm.platforms import current_platform
+
+        kwargs = self._engine_kwargs(settings, current_platform.is_cpu())
+        hint = "" if self.capture_path == "logprobs" or settings.kind == "classifier" else \
+            "; --vllm-capture logprobs (top-k) or --backend hf may work"
         try:
             return self._vllm.LLM(**kwargs)
         except (OSError, ValueError, RuntimeError) as exc:
-            raise ModelError(f"vLLM cannot load teacher {settings.model} (--teacher): {first_line(exc)}") from None
+            raise ModelError(f"vLLM cannot load teacher {settings.model} (--teacher): {first_line(exc)}{hint}") from None
 
-    def topk(self, seqs: list[np.ndarray], positions: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _setup_head(self, settings: TeacherSettings) -> None:
+        import torch
+        from vllm.platforms import current_platform
+
+        from pipeline.config import resolve_device
+
+        # The head runs where vLLM runs (its CPU, or the GPU) unless --device names another one.
+        device = "cpu" if current_platform.is_cpu() else resolve_device(
+            "cuda" if settings.device == "auto" else settings.device, BackendError)
+        self._device = torch.device(device)
+        self._head, head_rows = load_output_head(settings.model, revision=settings.revision,
+                                                 trust_remote_code=settings.trust_remote_code, device=self._device,
+                                                 dtype=torch_dtype(settings.dtype))
+        if head_rows != self.vocab_size:
+            raise BackendError(f"teacher {settings.model}'s output head has {head_rows} rows but its config a "
+                               f"vocabulary of {self.vocab_size}; use --vllm-capture logprobs or --backend hf")
+        self._chunk = chunk_rows(self.vocab_size)
+        self._sync = torch.cuda.synchronize if self._device.type == "cuda" else (lambda: None)
+
+    # -- capture ---------------------------------------------------------------------------
+
+    def capture(self, seqs: list[np.ndarray], positions: list[np.ndarray], want: Want) -> Captured:
+        self.check_want(want)
+        if self.settings.kind != "causal_lm":
+            raise BackendError("this vLLM teacher was loaded as a classifier; it gives class logits only")
+        if self.capture_path == "hidden":
+            return self._capture_hidden(seqs, positions, want)
+        if want.num_draws is not None:
+            raise BackendError("the sampled encoding needs the full distribution: --vllm-capture hidden "
+                               "(or auto), not logprobs")
+        if self.settings.temperature != 1.0:
+            raise BackendError("vLLM's prompt log-probs ignore the temperature: use --vllm-capture hidden (or auto) "
+                               "for --temperature other than 1")
+        if want.top_k is None:
+            return Captured()
+        ids, lps = self._logprobs_topk(seqs, positions, want.top_k)
+        return Captured(ids=ids, logprobs=lps)
+
+    def _encode(self, seqs: list[np.ndarray], task: str) -> list[Any]:
+        """The pooling runner's output tensor of each sequence (CPU), in order."""
+        from vllm.pooling_params import PoolingParams
+
+        outputs = self.llm.encode([{"prompt_token_ids": s.tolist()} for s in seqs], pooling_task=task,
+                                  pooling_params=PoolingParams(use_activation=False), use_tqdm=False)
+        return [o.outputs.data for o in outputs]
+
+    def _capture_hidden(self, seqs: list[np.ndarray], positions: list[np.ndarray], want: Want) -> Captured:
+        import torch
+
+        todo = [i for i, p in enumerate(positions) if len(p)]
+        if not todo:
+            return Captured.empty(want)
+        t0 = time.perf_counter()
+        hidden: list[Any] = [None] * len(seqs)
+        for i, h in zip(todo, self._encode([seqs[i] for i in todo], "token_embed"), strict=True):
+            hidden[i] = h[torch.from_numpy(positions[i].astype(np.int64))]
+        self.timing.teacher_s += time.perf_counter() - t0
+
+        def target_hidden(rows: list[int]) -> tuple[Any, Any]:
+            parts = [hidden[i] for i in rows if hidden[i] is not None]
+            return torch.cat(parts).to(self._device, non_blocking=True), self._head
+
+        return capture_batches([len(s) for s in seqs], positions, want, target_hidden,
+                               batch_size=self.settings.batch_size, chunk=self._chunk,
+                               temperature=self.settings.temperature, timing=self.timing, sync=self._sync)
+
+    def _logprobs_topk(self, seqs: list[np.ndarray], positions: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
         limit = self.llm.llm_engine.model_config.max_logprobs
-        if k > self.vocab_size:
-            raise BackendError(f"--top-k {k} exceeds the teacher's vocabulary of {self.vocab_size}; lower --top-k")
         if limit != -1 and k > limit:
             raise BackendError(f"--top-k {k} exceeds vLLM's max_logprobs {limit}; raise --max-logprobs or lower --top-k")
         todo = [i for i, p in enumerate(positions) if len(p)]
@@ -183,7 +286,23 @@ class VLLMTeacher(TeacherBackend):
         self.timing.convert_s += time.perf_counter() - t1
         return ids, lps
 
+    def class_logits(self, seqs: list[np.ndarray]) -> np.ndarray:
+        if self.settings.kind != "classifier":
+            raise BackendError("class logits need the teacher loaded as a classifier (--task classification)")
+        if not seqs:
+            return np.zeros((0, self.num_labels), np.float32)
+        t0 = time.perf_counter()
+        logits = self._encode(seqs, "classify")
+        t1 = time.perf_counter()
+        out = np.stack([np.asarray(x.float().numpy(), dtype=np.float32) for x in logits])
+        self.timing.teacher_s += t1 - t0
+        self.timing.convert_s += time.perf_counter() - t1
+        return out
+
     def generate(self, prompts: list[np.ndarray], max_new_tokens: int, eos_id: int | None) -> list[np.ndarray]:
+        if self.capture_path != "logprobs":
+            raise BackendError("--teacher-generates with --backend vllm needs --vllm-capture logprobs (top-k): the "
+                               "pooling runner behind hidden-state capture cannot generate; or use --backend hf")
         limit = int(self.max_context or 0)
         params = [
             self._vllm.SamplingParams(
@@ -204,3 +323,4 @@ class VLLMTeacher(TeacherBackend):
     def close(self) -> None:
         # Drop the engine so its memory goes back before the process ends (tests load it once).
         self.llm = None
+        self._head = None
