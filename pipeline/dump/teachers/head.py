@@ -196,8 +196,12 @@ def _head_param_names(cfg: Any, trust_remote_code: bool) -> tuple[list[str], lis
     import torch
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError, ImportError) as exc:
+        raise BackendError(f"transformers cannot build {type(cfg).__name__} as a causal LM to find its output head "
+                           f"({exc}); use --vllm-capture logprobs (top-k) or --backend hf") from None
     head = model.get_output_embeddings()
     if head is None or getattr(head, "weight", None) is None:
         raise BackendError(f"{type(model).__name__} has no output embedding layer for --vllm-capture hidden; "

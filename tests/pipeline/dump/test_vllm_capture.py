@@ -219,12 +219,18 @@ def _rows(path: Path) -> list[Any]:
     return list(open_cache(str(path)).iter_rows())
 
 
-def _compare_topk(a: Path, b: Path) -> None:
+def _row_pairs(a: Path, b: Path) -> list[tuple[Any, Any]]:
+    """The rows of two caches side by side; same samples, same target positions."""
     ra, rb = _rows(a), _rows(b)
     assert [r.sample_id for r in ra] == [r.sample_id for r in rb]
-    same = total = 0
     for x, y in zip(ra, rb, strict=True):
         np.testing.assert_array_equal(x.positions, y.positions)
+    return list(zip(ra, rb, strict=True))
+
+
+def _compare_topk(a: Path, b: Path) -> None:
+    same = total = 0
+    for x, y in _row_pairs(a, b):
         same += int((x.ids == y.ids).sum())
         total += x.ids.size
         # Stored values are quantized (1/8 nat): a 1e-5 difference may cross one step.
@@ -234,11 +240,8 @@ def _compare_topk(a: Path, b: Path) -> None:
 
 def _same_draw_share(a: Path, b: Path) -> float:
     """Share of target positions whose stored draws (unique ids with counts) are identical."""
-    ra, rb = _rows(a), _rows(b)
-    assert [r.sample_id for r in ra] == [r.sample_id for r in rb]
     same = total = 0
-    for x, y in zip(ra, rb, strict=True):
-        np.testing.assert_array_equal(x.positions, y.positions)
+    for x, y in _row_pairs(a, b):
         for t in range(len(x.positions)):
             dx = {int(i): int(c) for i, c in zip(x.ids[t], x.counts[t], strict=True) if c}
             dy = {int(i): int(c) for i, c in zip(y.ids[t], y.counts[t], strict=True) if c}
@@ -304,8 +307,8 @@ def test_vllm_classification_dump_equals_hf(vllm_classifier: Any, tiny_classifie
     s = run_dump(_cfg(tiny_classifier_dir, data_dir / "sst2.train", tmp_path / "vl", "vllm", **kw),
                  backend=vllm_classifier)
     assert s["capture"] == "vllm:hidden"
-    ra, rb = _rows(tmp_path / "hf"), _rows(tmp_path / "vl")
-    assert [r.sample_id for r in ra] == [r.sample_id for r in rb] and len(ra) == 10
-    for x, y in zip(ra, rb, strict=True):
+    pairs = _row_pairs(tmp_path / "hf", tmp_path / "vl")
+    assert len(pairs) == 10
+    for x, y in pairs:
         assert x.label == y.label
         np.testing.assert_allclose(x.class_logits, y.class_logits, atol=1e-4)
