@@ -35,7 +35,7 @@ from typing import Any, Literal
 from cache_format import CacheIdentity
 from pipeline.config import save_resolved_config
 from pipeline.dump.config import DumpConfig
-from pipeline.dump.outputs import (
+from pipeline.dump.sinks import (
     Sink,
     capture_label,
     check_distinct,
@@ -45,7 +45,7 @@ from pipeline.dump.outputs import (
     sink_configs,
     unit_batches,
 )
-from pipeline.dump.outputs import unit_seed as unit_seed  # re-exported
+from pipeline.dump.sinks import unit_seed as unit_seed  # re-exported
 from pipeline.dump.summary import build_summary
 from pipeline.dump.summary import format_summary as _format_cache_summary
 from pipeline.dump.tasks import (
