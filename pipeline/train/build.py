@@ -1,6 +1,6 @@
 """The parts of a training run built from its config: loss settings, student and loss, optimizer.
 
-Errors name the flag to change (the loss library itself raises plain ``ValueError``\\ s).
+Errors here name the flag to change; the loss library itself raises ``ValueError`` (see ``loss_spec``).
 """
 
 from __future__ import annotations
@@ -92,8 +92,10 @@ def build_loader(cfg: TrainConfig, pad_id: int, vocab_size: int | None, rank: in
     return StreamLoader(stream, num_workers=cfg.num_workers)
 
 
-def build_student(cfg: TrainConfig, manifest: Any, spec: LossSpec) -> tuple[Any, torch.nn.Module,
-                                                                           SparseKDLoss | ClassKDLoss]:
+StudentParts = tuple[Any, torch.nn.Module, SparseKDLoss | ClassKDLoss]  # tokenizer, student, loss
+
+
+def build_student(cfg: TrainConfig, manifest: Any, spec: LossSpec) -> StudentParts:
     """(tokenizer, student, loss): the student checked against the cache, with the loss that fits its head."""
     from pipeline.train import student as st
 

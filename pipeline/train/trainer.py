@@ -13,9 +13,10 @@ over every micro-batch of the gradient accumulation and every rank (``clamp_min(
 
 **Extension points** (constructor arguments; no subclassing needed):
 
-* ``teacher``: where the targets come from, a :data:`~pipeline.train.distill.Teacher`. The default
-  is the cache's own targets; :class:`~pipeline.train.distill.OnlineTeacher` runs a teacher model
-  in this process (online KD) on the same batches, with the same loss.
+* ``teacher``: where the targets come from, in training and in the held-out evaluation, a
+  :data:`~pipeline.train.distill.Teacher`. The default is the cache's own targets;
+  :class:`~pipeline.train.distill.OnlineTeacher` runs a teacher model in this process (online KD)
+  on the same batches, with the same loss.
 * ``on_step``: called after every optimizer step with its :class:`StepMetrics` (timing, logging).
 
 ``run_train(cfg)`` is ``Trainer(cfg).run()``, and ``run()`` is ``setup()`` then ``train()``.
@@ -245,7 +246,8 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{step.loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
                 if self._due(cfg.log_every):
-                    self.trackers.log({"train/loss": step.loss, "train/kd_loss": step.kd_loss, "train/lr": step.lr,
+                    self.trackers.log({"train/loss": step.loss, "train/kd_loss": step.kd_loss,
+                                       "train/ce_loss": step.ce_loss, "train/lr": step.lr,
                                        "train/tokens_per_s": tokens_per_s}, state.step)
                 if self._due(cfg.eval_every):
                     self._evaluate_and_record(step.loss, bar)
@@ -267,8 +269,8 @@ class Trainer:
         t0 = time.perf_counter()
         acc, dev = self.accelerator, self.accelerator.device
         micro = [{k: v.to(dev, non_blocking=True) for k, v in b.items()} for b in micro_batches]
-        if self.state.step == 0 and self.kind == "topk" and self.cfg.alpha == 0 and self.teacher is None \
-                and self.is_main:
+        pure_kd_from_topk_cache = self.kind == "topk" and self.cfg.alpha == 0 and self.teacher is None
+        if self.state.step == 0 and pure_kd_from_topk_cache and self.is_main:
             warn_if_tail_is_large(micro[0])
         local = torch.stack([sum(b["num_targets"] for b in micro).float(),
                              sum(b["attention_mask"].sum() for b in micro).float()])
