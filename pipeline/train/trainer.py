@@ -138,6 +138,7 @@ class Trainer:
     # -- setup: every check before anything is written to --out --------------------------------
 
     def setup(self) -> None:
+        """Every check and every object of the run, in order; --out is only written once all checks passed."""
         self._setup_output()
         self._setup_accelerator()
         self._setup_cache()
