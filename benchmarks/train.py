@@ -5,8 +5,8 @@ Student: a fresh Llama with 4 layers, width 256 and the vocabulary of
 of ``--seq-len`` tokens of wikitext-2, the same for every configuration:
 
 * (a) ``ce``: plain cross-entropy, the usual HF step (``model(input_ids, labels=...)``);
-* (b) ``kd_offline``: kdpipe's step (``pipeline.train.DistillModule``, forward KL, chunked
-  head) from a k=64 cache of the wikitext teacher;
+* (b) ``kd_offline``: kdpipe's step (``pipeline.train.distill.DistillModule`` with
+  ``SparseKDLoss``, forward KL, chunked head) from a k=64 cache of the wikitext teacher;
 * (c) ``kd_online``: the teacher-in-memory alternative: a teacher about twice the student's
   size (6 layers, width 384) runs forward in the same step and the loss is the full-vocabulary
   KL between the two ``[B, T, V]`` logit tensors;
@@ -120,8 +120,9 @@ def worker(config: str, cache: Path, steps: int, chunk_size: int, threads: int) 
     from cache_format import open_cache
     from pipeline.demo.toy import build_llama
     from pipeline.train.collate import collate_rows
-    from pipeline.train.losses import HeadSpec, KDTargets, LossSpec, chunked_kd_loss, full_kd_loss
-    from pipeline.train.trainer import DistillModule
+    from pipeline.train.distill import DistillModule, cached_targets
+    from pipeline.train.kd_loss import SparseKDLoss
+    from pipeline.train.losses import LossSpec, full_kd_loss
 
     reader = open_cache(str(cache))
     batch = collate_rows(list(reader.iter_rows()), "topk", pad_id=0)
@@ -135,16 +136,16 @@ def worker(config: str, cache: Path, steps: int, chunk_size: int, threads: int) 
         mask = batch["target_mask"]
         with torch.no_grad():
             hidden = student.model(input_ids=batch["input_ids"]).last_hidden_state[mask].detach()
-        targets = KDTargets(ids=batch["ids"][mask], logprobs=batch["logprobs"][mask], tail=batch["tail"][mask],
-                            valid=batch["valid"][mask], labels=batch["labels"][mask])
+        targets = cached_targets(batch)
         weight = student.lm_head.weight
         h = hidden.requires_grad_(True)
+        chunked = SparseKDLoss(spec, chunk_size)
 
         def step_fn() -> None:
             if config == "loss_full":
                 loss = full_kd_loss(h, weight, None, targets, spec)
             else:
-                loss = chunked_kd_loss(h, weight, None, targets, spec, chunk_size=chunk_size)
+                loss = chunked(h, student.lm_head, targets, normalizer=1.0).loss  # a sum, like full_kd_loss
             loss.backward()
             h.grad = None
             weight.grad = None
@@ -155,10 +156,10 @@ def worker(config: str, cache: Path, steps: int, chunk_size: int, threads: int) 
                 labels = batch["input_ids"].clone()  # HF shifts labels inside
                 return student(input_ids=batch["input_ids"], labels=labels).loss
         elif config == "kd_offline":
-            module = DistillModule(student, spec, HeadSpec(), chunk_size, False)
+            module = DistillModule(student, SparseKDLoss(spec, chunk_size))
 
             def loss_fn() -> torch.Tensor:
-                return module(batch)["loss_sum"] / batch["num_targets"].clamp_min(1)
+                return module(batch, cached_targets(batch)).loss  # mean per target position
         else:
             teacher = build_llama(vocab, max_position_embeddings=1024, seed=1, **ONLINE_TEACHER).eval()
             info["teacher_params_M"] = sum(p.numel() for p in teacher.parameters()) / 1e6
