@@ -235,7 +235,7 @@ def load_json(data: bytes, source: str, fix: str) -> Any:
     try:
         return json.loads(data.decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise ManifestError(f"{source} is not valid UTF-8 JSON ({printable(str(exc))}); {fix}") from None
+        raise ManifestError(f"{source} is unreadable: not valid UTF-8 JSON ({printable(str(exc))}); {fix}") from None
 
 
 def _int(d: dict[str, Any], key: str, where: str, minimum: int = 0) -> int:

@@ -18,6 +18,7 @@ import os
 import posixpath
 import stat
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, BinaryIO
 
 import pyarrow as pa
@@ -117,7 +118,7 @@ class Storage:
             self._fs, root, self._tries = remote_filesystem(self.url, storage_options)
             self.root = root.rstrip("/")
         else:
-            self.root = os.path.normpath(local_path(self.url)) if self.url else self.url
+            self.root = str(Path(local_path(self.url)))
 
     @property
     def remote(self) -> bool:

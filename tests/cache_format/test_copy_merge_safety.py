@@ -34,10 +34,9 @@ def good(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def cache(good: Path, tmp_path: Path) -> Path:
-    root = tmp_path / "c"
-    shutil.copytree(good, root)
-    return root
+def cache(tmp_path: Path) -> Path:
+    """A fresh cache each test may damage (the same content as ``good``: the writer is deterministic)."""
+    return write_topk_cache(tmp_path / "c", units=3)
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -75,6 +74,14 @@ def test_copy_into_or_around_the_source_is_refused(cache: Path, tmp_path: Path) 
     with pytest.raises(SamePathError):
         copy_cache(cache, str(tmp_path), overwrite=True)
     assert snapshot(cache) == before and not (cache / "inner").exists()
+
+
+def test_same_bucket_and_prefix_is_refused_before_any_request() -> None:
+    opts = {"endpoint_url": "http://127.0.0.1:9"}  # nothing listens there: a request would fail differently
+    for src, dst in (("s3://caches/a", "s3://caches/a/"), ("s3://caches/a", "s3a://caches//a"),
+                     ("s3://caches/a", "s3://caches/a/inner"), ("s3://caches/a/b", "s3://caches/a")):
+        with pytest.raises(SamePathError):
+            copy_cache(src, dst, src_storage_options=opts, dst_storage_options=opts, overwrite=True)
 
 
 def test_cli_copy_x_x_overwrite_is_one_line_exit_2(cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
