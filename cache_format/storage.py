@@ -28,6 +28,7 @@ from cache_format.errors import (
     CacheNotFoundError,
     ChecksumMismatchError,
     IncompleteCacheError,
+    ManifestTooLargeError,
     RemoteStorageError,
     ShardCorruptError,
     ShardTruncatedError,
@@ -197,22 +198,34 @@ class Storage:
 
     def open(self, name: str) -> BinaryIO:
         """A regular file of the cache, opened safely (see the module docstring); the caller closes it."""
+        return self._open_with_size(name)[0]
+
+    def _open_with_size(self, name: str) -> tuple[BinaryIO, int]:
         try:
             if self._fs is None:
-                fd, _ = self._open_fd(name)
-                return open(fd, "rb")
-            self._remote_size(name)
+                fd, size = self._open_fd(name)
+                return open(fd, "rb"), size
+            size = self._remote_size(name)
             with self._errors(name, "opening"):
-                return self._fs.open(self.path(name), "rb")
+                return self._fs.open(self.path(name), "rb"), size
         except FileNotFoundError:
             raise CacheNotFoundError(f"{self.describe(name)} does not exist") from None
         except OSError as exc:
             raise CacheNotFoundError(f"{self.describe(name)} cannot be opened: {exc}") from None
 
     def read_bytes(self, name: str, max_bytes: int) -> bytes:
-        """Read at most ``max_bytes + 1`` bytes, so an oversized file is detected without reading it all."""
-        with self.open(name) as fh, self._errors(name, "reading"):
-            return _read_up_to(fh, max_bytes + 1)
+        """The whole (small) file ``name``, e.g. the manifest; refused unread when over ``max_bytes``.
+
+        Reads at most ``max_bytes + 1`` bytes even if the file grows meanwhile, so the caller's
+        parser still sees the excess.
+        """
+        fh, size = self._open_with_size(name)
+        with fh, self._errors(name, "reading"):
+            if size > max_bytes:
+                raise ManifestTooLargeError(f"{self.describe(name)} is {size} bytes, over the {max_bytes} byte cap; "
+                                            "it is not a kdpipe manifest (or is corrupt) — re-create or re-download "
+                                            "the cache")
+            return fh.read(max_bytes + 1)
 
     def read_manifest(self) -> tuple[bytes, Manifest]:
         """The manifest's bytes and the validated manifest; refuses unfinished caches and non-caches clearly."""
@@ -313,14 +326,6 @@ class Storage:
 def sha256_mismatch(where: str, got: str, want: str) -> ChecksumMismatchError:
     return ChecksumMismatchError(f"shard {where}: sha256 {got[:16]}… differs from the manifest's {want[:16]}…; the "
                                  "file changed after it was written — re-copy or re-dump it")
-
-
-def _read_up_to(fh: BinaryIO, limit: int) -> bytes:
-    parts: list[bytes] = []
-    while limit > 0 and (chunk := fh.read(min(CHUNK_BYTES, limit))):
-        parts.append(chunk)
-        limit -= len(chunk)
-    return b"".join(parts)
 
 
 # ------------------------------------------------------------ remote stores
