@@ -121,10 +121,6 @@ class Storage:
         else:
             self.root = str(Path(local_path(self.url)))
 
-    @property
-    def remote(self) -> bool:
-        return self._fs is not None
-
     def path(self, name: str) -> str:
         return f"{self.root}/{name}" if self._fs is not None else os.path.join(self.root, name)
 

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -56,12 +57,15 @@ def deadline(seconds: int = 20) -> Iterator[None]:
         raise TimeoutError(f"still running after {seconds} s: the reader blocked or looped")
 
     old = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
+    outer = signal.alarm(seconds)  # pytest-timeout's own alarm, if any: given back below
+    start = time.monotonic()
     try:
         yield
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
+        if outer:
+            signal.alarm(max(1, outer - int(time.monotonic() - start)))
 
 
 def edit_manifest(root: Path, change: Callable[[dict[str, Any]], None]) -> None:
