@@ -13,7 +13,8 @@ size and sha256 matched the manifest:
 
 The manifest is written last, so the destination never looks complete before every shard is.
 ``overwrite`` removes only a kdpipe cache's own files (its manifest, the shards it lists, kdpipe
-temporary files and writer-named shards); any other file at the destination refuses the copy.
+temporary files and writer-named shards) and only those the new cache does not replace; any
+other file at the destination refuses the copy.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def copy_cache(src: str | os.PathLike[str], dst: str, *, src_storage_options: di
         source.check_reachable()
         raise
     dest = _Destination(str(dst), dst_storage_options)
-    dest.prepare(overwrite)
+    dest.prepare(overwrite, manifest_bytes, {s.name for s in manifest.shards})
     for info in manifest.shards:
         dest.put_shard(source, info)
     dest.put_manifest(manifest_bytes)
@@ -90,11 +91,17 @@ class _Destination:
                 return {}
         return {posixpath.basename(e["name"].rstrip("/")): e.get("type") == "file" for e in listing}
 
-    def prepare(self, overwrite: bool) -> None:
-        """Refuse foreign content; remove the old cache's own files (manifest first) or an unfinished copy's."""
+    def prepare(self, overwrite: bool, new_manifest: bytes, new_shards: set[str]) -> None:
+        """Refuse foreign content; remove the old cache's own files that the new cache does not replace.
+
+        Shards the new cache also has are left in place, to be replaced atomically by their checked
+        copies, and a manifest equal to the new one stays: so even a destination that is the source
+        under a spelling nobody can see through (a second endpoint name, a nested bind mount) loses
+        nothing — every shard is rewritten with its own checked bytes.
+        """
         entries = self.entries()
-        listed = self._listed_shards() if MANIFEST_NAME in entries else set()
-        if MANIFEST_NAME in entries and not overwrite:
+        old_manifest, listed = self._old_cache() if MANIFEST_NAME in entries else (None, set())
+        if old_manifest is not None and not overwrite:
             raise CacheExistsError(f"{self.url} already holds a cache ({MANIFEST_NAME} exists); pass overwrite=True "
                                    "(--overwrite) to replace it")
         foreign = sorted(n for n, is_file in entries.items()
@@ -105,8 +112,9 @@ class _Destination:
                                                                     if len(foreign) > 1 else "")
                 + ", not part of a kdpipe cache; copy replaces only a kdpipe cache's own files — choose an empty "
                 "folder or prefix, or move those files away")
-        # Manifest first: from then on nobody takes the destination for a complete cache.
-        for name in sorted(entries, key=lambda n: n != MANIFEST_NAME):
+        stale = [n for n in entries if n not in new_shards and not (n == MANIFEST_NAME and old_manifest == new_manifest)]
+        # Manifest first: from then on nobody takes the destination for a complete (old) cache.
+        for name in sorted(stale, key=lambda n: n != MANIFEST_NAME):
             with self._errors("removing the old cache from"):
                 if self.fs is None:
                     os.unlink(self._path(name))
@@ -115,17 +123,17 @@ class _Destination:
         if self.fs is None:
             os.makedirs(self.root, exist_ok=True)
 
-    def _listed_shards(self) -> set[str]:
-        """Shards the destination's manifest lists; refuses a ``manifest.json`` that is not a kdpipe manifest."""
+    def _old_cache(self) -> tuple[bytes | None, set[str]]:
+        """The destination's manifest bytes and shard names; refuses a ``manifest.json`` that is not kdpipe's."""
         try:
-            _, manifest = Storage(self.url, self.storage_options).read_manifest()
+            data, manifest = Storage(self.url, self.storage_options).read_manifest()
         except CacheNotFoundError:
-            return set()
+            return None, set()
         except CacheError as exc:
             raise CacheExistsError(f"{self.url} holds a {MANIFEST_NAME} that is not a readable kdpipe manifest "
                                    f"({exc}); refusing to replace what may not be a kdpipe cache — choose another "
                                    "destination") from None
-        return {s.name for s in manifest.shards}
+        return data, {s.name for s in manifest.shards}
 
     def put_shard(self, source: Storage, info: ShardInfo) -> None:
         if self.fs is None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import cache_format.copy as copy_module
 import cache_format.merge as merge_module
 from cache_format import (
     CacheExistsError,
@@ -74,6 +75,15 @@ def test_copy_into_or_around_the_source_is_refused(cache: Path, tmp_path: Path) 
     with pytest.raises(SamePathError):
         copy_cache(cache, str(tmp_path), overwrite=True)
     assert snapshot(cache) == before and not (cache / "inner").exists()
+
+
+def test_a_self_copy_nobody_could_detect_still_loses_nothing(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As if the destination were the source under another name (a second endpoint alias, a nested bind mount)."""
+    monkeypatch.setattr(copy_module, "refuse_overlap", lambda *args: None)
+    before = snapshot(cache)
+    copy_cache(cache, str(cache), overwrite=True)
+    assert snapshot(cache) == before
+    verify_cache(cache)
 
 
 def test_same_bucket_and_prefix_is_refused_before_any_request() -> None:
