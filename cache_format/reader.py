@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -18,10 +16,8 @@ from cache_format.errors import (
     CacheNotFoundError,
     ChecksumMismatchError,
     CountMismatchError,
-    IncompleteCacheError,
     InvariantError,
     ShardCorruptError,
-    ShardTruncatedError,
 )
 from cache_format.identity import CacheIdentity
 from cache_format.manifest import (
@@ -46,18 +42,16 @@ def open_cache(path: str | os.PathLike[str], storage_options: dict[str, Any] | N
     """Open a finished cache (local path, ``file://``, ``s3://``, ``gs://``, ``hf://``...).
 
     The manifest is size-capped, schema-checked, version-checked and path-checked before any
-    shard is opened. ``verify_checksums`` also checks each shard's sha256 before reading it.
+    shard is opened; every file is opened as SPEC §1 requires of untrusted caches (regular files
+    only, never past the manifest's byte count). ``verify_checksums`` also checks each shard's
+    sha256 as it is read (one pass), before any of it is decoded.
     """
     storage = Storage(path, storage_options)
-    if not storage.exists(MANIFEST_NAME):
-        if storage.exists(INCOMPLETE_MARKER):
-            raise IncompleteCacheError(
-                f"{storage.describe('')} is an unfinished cache (no {MANIFEST_NAME}; the dump is still running or "
-                "was interrupted): resume the dump (mode='resume' / --resume) so it finalizes, then read it")
-        raise CacheNotFoundError(f"{storage.describe(MANIFEST_NAME)} does not exist: {storage.url} is not a kdpipe "
-                                 "cache (check the path, or that the upload finished)")
-    data = storage.read_bytes(MANIFEST_NAME, MAX_MANIFEST_BYTES)
-    manifest = parse_manifest(data, storage.describe(MANIFEST_NAME))
+    try:
+        _, manifest = storage.read_manifest()
+    except CacheNotFoundError:
+        storage.check_reachable()  # a missing or invisible bucket is a storage error, not "no cache here"
+        raise
     return CacheReader(storage, manifest, verify_checksums=verify_checksums)
 
 
@@ -192,21 +186,8 @@ class CacheReader:
             return self._open_reader, self._open_enc
         self.close()
         info = self._info(i)
-        try:
-            size = self.storage.size(info.name)
-        except CacheNotFoundError:
-            raise ShardCorruptError(f"shard {self.storage.describe(info.name)} is listed in the manifest but missing; "
-                                    "re-copy the whole cache directory (or re-dump)") from None
-        if size != info.bytes:
-            raise ShardTruncatedError(
-                f"shard {self.storage.describe(info.name)} is {size} bytes but the manifest says {info.bytes}: "
-                "an interrupted copy/upload or a damaged file — re-copy the cache, or re-dump this shard")
-        fh = self.storage.open(info.name)
-        if self.verify_checksums:
-            data = fh.read()
-            fh.close()
-            check_sha256(info, hashlib.sha256(data).hexdigest(), self.storage.describe(info.name))
-            fh = io.BytesIO(data)
+        # Regular file inside the root, exact size, and (when asked) sha256 — all before Arrow sees a byte.
+        fh = self.storage.open_shard(info.name, info.bytes, info.sha256 if self.verify_checksums else None)
         try:
             reader = pa.ipc.open_file(fh)
         except _ARROW_ERRORS as exc:
