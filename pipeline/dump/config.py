@@ -9,6 +9,7 @@ from pydantic import Field, field_validator, model_validator
 
 from pipeline.config import StrictModel, cli_flags
 from pipeline.dump.datasets import DatasetFormat
+from pipeline.dump.lm import BosPolicy
 from pipeline.dump.tasks import Task
 
 
@@ -44,7 +45,18 @@ class DumpConfig(StrictModel):
     template: str | None = Field(None, description="Prompt template with {text}; default: the task's template.")
     chat_template: bool = Field(False, description="Wrap prompts in the tokenizer's chat template; off because "
                                                    "base models have none.")
-    pack: bool = Field(True, description="LM: pack documents into full windows (no compute spent on padding).")
+    pack: bool = Field(True, description="LM: pack documents, separated by EOS, into full windows (no compute spent "
+                                         "on padding; attention crosses document boundaries inside a window); "
+                                         "--no-pack: one document per row.")
+    bos: BosPolicy = Field("auto", description="BOS at the start of every LM window (a context slot, never a "
+                                               "target) and of prompt/classification rows: auto follows the "
+                                               "tokenizer (add_bos_token, or tokenizer('x') starts with BOS), "
+                                               "because a teacher trained with BOS predicts worse without it; "
+                                               "always; never.")
+    stride: int | None = Field(None, ge=1, description="LM: new tokens (targets) per window; consecutive windows "
+                                                       "overlap by max-length - stride tokens, so every target "
+                                                       "after the first window has at least that much context. "
+                                                       "Default: STRIDE_DEFAULT_TEXT")
     max_length: int = Field(512, ge=2, description="Tokens per row; 512 fits small teachers' context (cut to the "
                                                    "model's if larger).")
 
