@@ -38,7 +38,6 @@ import numpy as np
 from pipeline.dump.datasets import LoadedDataset
 from pipeline.dump.lm import (
     BosPolicy,
-    check_stride,
     default_stride,
     lm_recipe_facts,
     lm_rows,
@@ -342,7 +341,7 @@ def build_prompt_response(ds: LoadedDataset, tokenizer: Any, cfg: RecipeConfig) 
 def build_examples(
     ds: LoadedDataset, tokenizer: Any, cfg: RecipeConfig, label2id: dict[str, int] | None = None
 ) -> RecipeResult:
-    """Dispatch on ``cfg.task``; rows come out in dataset order with ``sample_id`` = their index."""
+    """Dispatch on ``cfg.task``; rows come out in dataset order, ``sample_id`` = their row index (lm: provenance)."""
     if cfg.stride is not None and cfg.task != "lm":
         raise ConfigError(f"--stride applies to --task lm (overlapping LM windows), not {cfg.task}; drop --stride")
     cfg = cfg.resolved()
@@ -350,8 +349,6 @@ def build_examples(
         raise ConfigError(f"--max-length must be at least 2 tokens, got {cfg.max_length}")
     if cfg.teacher_generates and cfg.task not in ("reasoning", "summarization"):
         raise ConfigError(f"--teacher-generates applies to --task reasoning or summarization, not {cfg.task}")
-    if cfg.task == "lm":
-        check_stride(cfg.stride, cfg.max_length)
     if cfg.task == "lm":
         return build_lm(ds, tokenizer, cfg)
     if cfg.task == "classification":
