@@ -127,6 +127,10 @@ class RecipeConfig:
             # classification texts with the tokenizer's own special tokens (chat templates write theirs).
             "add_special_tokens": r.task != "lm" and not r.chat_template,
             "lm": lm_recipe_facts(tokenizer, bos_id=bos_id, stride=r.stride, pack=r.pack) if r.task == "lm" else None,
+            "response": {  # the text after the prompt: separator + response.strip(), bare, then EOS
+                "separator": response_separator(r.chat_template), "add_special_tokens": False,
+                "eos_after": tokenizer.eos_token_id is not None,
+            } if r.task in ("summarization", "reasoning") else None,
         }
 
 
@@ -151,6 +155,12 @@ class Example:
 class RecipeResult:
     examples: list[Example]
     stats: dict[str, int] = field(default_factory=dict)
+
+
+def response_separator(chat_template: bool) -> str:
+    """What goes between prompt and response: a space after a plain template's cue ("TL;DR:", "Answer:"),
+    nothing after a chat template's generation prompt (it ends with the turn marker)."""
+    return "" if chat_template else " "
 
 
 def _check_template(template: str) -> None:
@@ -316,7 +326,7 @@ def build_prompt_response(ds: LoadedDataset, tokenizer: Any, cfg: RecipeConfig) 
         return RecipeResult(examples, {"truncated": truncated, "skipped": 0})
     resp_field = cfg.response_field or ""
     responses = _as_text(ds.column(resp_field, "--response-field"), resp_field, "--response-field", ds.source)
-    sep = "" if cfg.chat_template else " "
+    sep = response_separator(cfg.chat_template)
     resp_ids = _token_lists(tokenizer, [sep + r.strip() for r in responses], special=False)
     examples: list[Example] = []
     truncated = skipped = 0

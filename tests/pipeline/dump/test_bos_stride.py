@@ -252,3 +252,13 @@ def test_identity_records_every_recipe_fact(texts: list[str], tiny_tokenizer: An
         lines = data.read_text().splitlines()
         got = [(r.sample_id, r.input_ids.tolist(), r.positions.tolist()) for r in cache.iter_rows()]
         assert got == _rebuild(recipe, lines, tiny_tokenizer)
+
+
+def test_identity_of_prompt_and_text_recipes(tiny_tokenizer: Any) -> None:
+    rec = RecipeConfig(task="reasoning", max_length=64).identity(tiny_tokenizer)
+    assert rec["bos"] == "auto" and rec["bos_id"] == tiny_tokenizer.bos_token_id and rec["add_special_tokens"] is True
+    assert rec["response"] == {"separator": " ", "add_special_tokens": False, "eos_after": True} and rec["lm"] is None
+    rec = RecipeConfig(task="summarization", max_length=64, chat_template=True, bos="never").identity(tiny_tokenizer)
+    assert rec["bos_id"] is None and rec["add_special_tokens"] is False and rec["response"]["separator"] == ""
+    rec = RecipeConfig(task="classification", max_length=64).identity(tiny_tokenizer)
+    assert rec["response"] is None and rec["lm"] is None and rec["add_special_tokens"] is True
