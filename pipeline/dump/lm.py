@@ -197,12 +197,12 @@ def parse_lm_sample_id(sample_id: str) -> LmRowSource:
 
 
 def lm_recipe_facts(tokenizer: Any, *, bos_id: int | None, stride: int, pack: bool) -> dict[str, Any]:
-    """The LM facts of the identity's ``recipe`` (``recipe.lm``): with ``recipe.bos_id``, ``max_length`` and
-    ``fields.text``, enough to rebuild every row from the dataset."""
+    """The LM facts of the identity's ``recipe`` (``recipe.lm``): with ``recipe.bos_id``, ``add_special_tokens``
+    (false: documents are tokenized bare), ``max_length``, ``pack`` and ``fields.text``, enough to rebuild every
+    row from the dataset."""
     return {
         "documents": "one per dataset row whose text is not blank (text.strip() == '' rows are dropped); "
                      "text used verbatim",
-        "add_special_tokens": False,
         "eos_after_document": tokenizer.eos_token_id is not None,
         "eos_id": tokenizer.eos_token_id,
         "bos_at": "every window start (a context slot, never a target)" if bos_id is not None else None,

@@ -214,7 +214,7 @@ def _rebuild(recipe: dict[str, Any], texts: list[str], tok: Any) -> list[tuple[s
     lm = recipe["lm"]
     bos = [recipe["bos_id"]] if recipe["bos_id"] is not None else []
     L_, S = recipe["max_length"], lm["stride"]
-    docs = [(row, [*tok(t, add_special_tokens=lm["add_special_tokens"])["input_ids"],
+    docs = [(row, [*tok(t, add_special_tokens=recipe["add_special_tokens"])["input_ids"],
                    *([lm["eos_id"]] if lm["eos_after_document"] else [])])
             for row, t in enumerate(texts) if t.strip()]
     streams = [docs] if recipe["pack"] else [[d] for d in docs]
@@ -247,8 +247,9 @@ def test_identity_records_every_recipe_fact(texts: list[str], tiny_tokenizer: An
         recipe = cache.manifest.identity.recipe
         assert recipe["bos"] == bos and recipe["bos_id"] == (tiny_tokenizer.bos_token_id if bos == "auto" else None)
         assert recipe["lm"]["stride"] == 7 and recipe["pack"] is pack and recipe["max_length"] == 20
-        assert recipe["lm"]["attention_across_documents"] is pack and recipe["lm"]["add_special_tokens"] is False
+        assert recipe["lm"]["attention_across_documents"] is pack and recipe["add_special_tokens"] is False
         assert "blank" in recipe["lm"]["documents"] and recipe["lm"]["sample_id"] == "doc<D>:tok<T>@doc<D0>:tok<T0>"
+        assert cache.manifest.identity.dataset["format"] == "text"  # rows = lines, blank ones kept
         lines = data.read_text().splitlines()
         got = [(r.sample_id, r.input_ids.tolist(), r.positions.tolist()) for r in cache.iter_rows()]
         assert got == _rebuild(recipe, lines, tiny_tokenizer)
