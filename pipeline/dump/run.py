@@ -5,7 +5,8 @@ Flow (each step a ``_setup_*`` function, then one loop):
 1. the output folder: create, ``--overwrite``, or resume an earlier run of the same settings;
 2. tokenizer and the teacher's config (cheap: k, vocabulary and context are checked before the
    model loads);
-3. dataset -> recipe -> examples, in dataset order (``sample_id`` = the row / window index);
+3. dataset -> recipe -> examples, in dataset order (``sample_id`` = the row index, or an LM
+   window's provenance ``doc<D>:tok<T>@doc<D0>:tok<T0>``);
 4. the cache identity; a resume into a cache with other settings is refused naming the setting;
 5. the teacher backend; then the work loop.
 
@@ -157,13 +158,14 @@ def _setup_examples(cfg: DumpConfig, tok: Any, info: _ModelInfo, max_length: int
     rcfg = RecipeConfig(
         task=cfg.task, max_length=max_length, text_field=cfg.text_field, label_field=cfg.label_field,
         response_field=cfg.response_field, fallback_field=cfg.fallback_field, template=cfg.template,
-        chat_template=cfg.chat_template, pack=cfg.pack, teacher_generates=cfg.teacher_generates,
-    ).resolved()
+        chat_template=cfg.chat_template, pack=cfg.pack, teacher_generates=cfg.teacher_generates, bos=cfg.bos,
+        stride=cfg.stride,
+    )
     label2id = {v: k for k, v in info.id2label.items()} if info.id2label else None
     result = build_examples(ds, tok, rcfg, label2id)
     if not result.examples:
         raise DatasetError(f"dataset {ds.source} gave no rows to distill; check --text-field and --limit")
-    return ds, result, rcfg
+    return ds, result, rcfg.resolved()
 
 
 def _encoding(cfg: DumpConfig, info: _ModelInfo) -> Any:
@@ -225,7 +227,7 @@ def _teacher_identity(cfg: DumpConfig, info: _ModelInfo) -> dict[str, Any]:
 def _setup_identity(cfg: DumpConfig, tok: Any, info: _ModelInfo, ds: Any, rcfg: RecipeConfig, max_length: int) -> Any:
     from cache_format.identity import tokenizer_fingerprint
 
-    recipe = rcfg.identity()
+    recipe = rcfg.identity(tok)
     recipe["max_length"] = max_length
     # Units fix which rows form a shard and which worker does what: resuming or merging with
     # other values would mix two layouts, so they are compared like the recipe.

@@ -3,7 +3,9 @@
 Per task (rows come from the same recipes the dump uses, so "the held-out set" means the
 same thing everywhere):
 
-- ``lm``: perplexity, next-token accuracy@1 and @5 over packed windows of ``max_length``;
+- ``lm``: perplexity, next-token accuracy@1 and @5 over the dump's LM windows of ``max_length``
+  (BOS per window as the tokenizer does, overlapping by the default stride; each token scored
+  once, on the window's target positions);
 - ``classification``: accuracy against the dataset's labels;
 - ``summarization``: BLEU and ROUGE-1/2/L (evaluate's definitions, see ``pipeline.eval.metrics``)
   of greedy generations against the reference summaries;
@@ -160,6 +162,10 @@ def _recipe(cfg: EvalConfig, *, max_length: int, teacher_generates: bool = False
         template=cfg.template,
         chat_template=cfg.chat_template,
         teacher_generates=teacher_generates,
+        # The dump's rules and defaults (BOS per window, overlapping windows), so a model's LM numbers are
+        # measured on the windows a cache of the same data targets; set when the eval config carries them.
+        bos=getattr(cfg, "bos", None) or "auto",
+        stride=getattr(cfg, "stride", None) if cfg.task == "lm" else None,
     )
 
 
@@ -197,10 +203,14 @@ def _eval_lm(cfg: EvalConfig, ds: Any, model: Any, tokenizer: Any, runtime: Runt
     examples = build_examples(ds, tokenizer, _recipe(cfg, max_length=cfg.max_length)).examples
     stats = metrics.LMStats()
     with torch.inference_mode():
-        for _, ids, mask in _padded_batches(examples, cfg, tokenizer, runtime):
+        for batch, ids, mask in _padded_batches(examples, cfg, tokenizer, runtime):
             logits = model(input_ids=ids, attention_mask=mask).logits
-            # logits[:, t] predicts ids[:, t + 1]; score where both ends are real tokens.
-            stats.add(metrics.lm_token_stats(logits[:, :-1], ids[:, 1:], mask[:, 1:]))
+            # logits[:, t] predicts ids[:, t + 1]; only the rows' target positions are scored, so a token
+            # that is context in one overlapping window and target in the next counts once.
+            targets = torch.zeros_like(mask[:, 1:], dtype=torch.bool)
+            for i, e in enumerate(batch):
+                targets[i, torch.as_tensor(e.positions, dtype=torch.long, device=targets.device)] = True
+            stats.add(metrics.lm_token_stats(logits[:, :-1], ids[:, 1:], targets))
     return {"num_examples": len(examples), "metrics": stats.summary()}
 
 
