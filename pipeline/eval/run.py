@@ -164,8 +164,8 @@ def _recipe(cfg: EvalConfig, *, max_length: int, teacher_generates: bool = False
         teacher_generates=teacher_generates,
         # The dump's rules and defaults (BOS per window, overlapping windows), so a model's LM numbers are
         # measured on the windows a cache of the same data targets; set when the eval config carries them.
-        bos=getattr(cfg, "bos", None) or "auto",
-        stride=getattr(cfg, "stride", None) if cfg.task == "lm" else None,
+        bos=cfg.bos,
+        stride=cfg.stride if cfg.task == "lm" else None,
     )
 
 
