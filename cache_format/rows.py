@@ -121,7 +121,9 @@ class BatchRows:
         """Flat token ids (``what`` names them) must lie in [0, id_limit)."""
         if not ids.size or not self.id_limit:
             return
-        if int(ids.max()) >= self.id_limit or int(ids.min()) < 0:
+        # One pass: seen as unsigned, a negative id (4 byte planes, top bit set) is huge too.
+        if int(ids.view(np.uint32).max() if ids.dtype == np.int32 else ids.max()) >= self.id_limit or (
+                ids.dtype != np.int32 and int(ids.min()) < 0):
             e = int(np.flatnonzero((ids >= self.id_limit) | (ids < 0))[0])
             raise self.invalid(self.entry_position(entry_starts, e),
                                f"{what} token id {int(ids[e])} >= vocab size {self.id_limit} or < 0 (ids must be "

@@ -8,6 +8,7 @@ with a handful of numpy calls.
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -167,7 +168,7 @@ def check_schema(schema: pa.Schema, enc: dict[str, Any], shard: str) -> dict[str
     if not isinstance(kind, str) or kind not in ENCODINGS:
         raise ShardCorruptError(f"shard {shard}: unknown encoding kind {kind!r} in schema metadata")
     found, missing = {}, []
-    for f in shard_schema(enc):
+    for f in _spec_fields(json.dumps(enc, sort_keys=True)):
         where = schema.get_all_field_indices(f.name)
         if not where:
             if f.name != "label":
@@ -183,6 +184,12 @@ def check_schema(schema: pa.Schema, enc: dict[str, Any], shard: str) -> dict[str
         raise ShardCorruptError(f"shard {shard}: missing column(s) {', '.join(missing)}; the shard is corrupt "
                                 "or from another format — re-dump it")
     return found
+
+
+@functools.lru_cache(maxsize=64)
+def _spec_fields(enc_json: str) -> tuple[pa.Field, ...]:
+    # Cached: every record batch is checked, and building the schema costs more than checking it.
+    return tuple(shard_schema(json.loads(enc_json)))
 
 
 def _same_type(got: pa.DataType, want: pa.DataType) -> bool:

@@ -98,13 +98,13 @@ class SampledFormat(EncodingFormat):
         counts, c_off = cols.lists("sampled_counts", per_row)
         planes = cols.planes("sampled_id", int(enc.get("id_bytes", 0)), per_row)
         check_sampled(ctx, num_unique, counts, cum, num_draws)
-        if len(counts):
-            ctx.check_ids(codec.join_planes(planes), cum, "a sampled")
+        uids = codec.join_planes(planes) if len(counts) else np.zeros(0, np.int32)
+        ctx.check_ids(uids, cum, "a sampled")
         rows = []
         for i in range(len(pos_offsets) - 1):
             a, b = int(pos_offsets[i]), int(pos_offsets[i + 1])
             ca, cb = int(c_off[i]), int(c_off[i + 1])
-            ids, cnt, lps, tail = codec.decode_sampled(num_unique[a:b], counts[ca:cb], [p[ca:cb] for p in planes],
+            ids, cnt, lps, tail = codec.decode_sampled(num_unique[a:b], counts[ca:cb], uids[ca:cb],
                                                        num_draws=num_draws)
             rows.append({"ids": ids, "logprobs": lps, "tail": tail, "counts": cnt})
         return rows
