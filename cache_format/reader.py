@@ -119,15 +119,15 @@ class CacheReader:
         """Like ``iter_rows`` but yields the decoded rows of one Arrow record batch at a time.
 
         Every row has passed the spec's row rules (the same ones ``verify_cache`` applies); a
-        row that breaks one raises ``InvariantError`` before any row of its batch is handed out.
+        row that breaks one raises ``InvariantError`` before any row of its batch is handed out,
+        and a sample id repeated within a shard raises ``DuplicateError``.
         """
         indices = range(len(self.manifest.shards)) if shards is None else shards
         for i in indices:
             info = self._info(i)
             shard = self._open(i)
             rows = positions = tokens = 0
-            for b in range(shard.num_batches):
-                decoded = shard.decode(b, int(i))
+            for decoded in shard.iter_decoded(int(i)):
                 rows += len(decoded)
                 positions += sum(len(r.positions) for r in decoded)
                 tokens += sum(len(r.input_ids) for r in decoded)

@@ -11,14 +11,15 @@ naming the shard, the record batch and the column.
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
 
 from cache_format import _ipc_meta as ipc
 from cache_format.encodings import ENCODINGS
-from cache_format.errors import CountMismatchError, ShardCorruptError
+from cache_format.errors import CountMismatchError, DuplicateError, ShardCorruptError
 from cache_format.manifest import ShardInfo
 from cache_format.rows import MAX_SAMPLE_ID_BYTES, DecodedRow
 from cache_format.shard import (
@@ -92,6 +93,21 @@ class ShardFile:
             batch, first = batch.slice(row - first, 1), row
         return decode_batch(batch, self.enc, self.info.name, shard_index, first, id_limit=self.id_limit)
 
+    def iter_decoded(self, shard_index: int) -> Iterator[list[DecodedRow]]:
+        """The decoded rows of each record batch in order; a sample id seen twice in the shard is refused.
+
+        (Across shards, uniqueness needs the whole cache: ``verify_cache`` checks it.)
+        """
+        seen: dict[str, int] = {}
+        for b in range(self.num_batches):
+            rows = self.decode(b, shard_index)
+            for r in rows:
+                first = seen.setdefault(r.sample_id, r.row_index)
+                if first != r.row_index:
+                    raise DuplicateError(f"sample_id {r.sample_id!r} appears twice in shard {self.where} (rows {first} "
+                                         f"and {r.row_index}); sample ids must be unique — re-dump the cache")
+            yield rows
+
     def close(self) -> None:
         self.fh.close()
 
@@ -121,26 +137,27 @@ class ShardFile:
 
     def _check_sizes(self, b: int, meta: ipc.BatchMeta, rows: int) -> None:
         """Node lengths and uncompressed buffer sizes of the spec's columns, before anything is decompressed."""
-        last_node, last_buf = max(p[0] + p[1] for p in self._plan.values()), max(p[2] for p in self._plan.values())
-        if len(meta.nodes) < last_node or len(meta.buffers) < last_buf:
+        plans = self._plan.values()
+        if (len(meta.nodes) < max(p.node + p.nodes for p in plans)
+                or len(meta.buffers) < max(p.buffer + p.buffers for p in plans)):
             raise self._corrupt(f"record batch {b}", "has fewer field nodes/buffers than its schema needs")
-        positions = _child_length(meta, self._plan["positions"])
+        positions = meta.nodes[self._plan["positions"].node + 1][0]  # the list's values node
         caps = {"input_ids": self.info.tokens, "positions": self.info.positions,
                 **ENCODINGS[self.enc["kind"]].max_entries(self.enc, rows, positions)}
         total = 0
-        for name, (node, num_nodes, buf, limits) in self._plan.items():
+        for name, plan in self._plan.items():
             where = f"record batch {b} column {name}"
-            lengths = [n for n, _ in meta.nodes[node:node + num_nodes]]
-            nulls = [z for _, z in meta.nodes[node:node + num_nodes]]
+            lengths = [n for n, _ in meta.nodes[plan.node:plan.node + plan.nodes]]
+            nulls = [z for _, z in meta.nodes[plan.node:plan.node + plan.nodes]]
             if lengths[0] != rows or (name != "label" and any(nulls)):
                 raise self._corrupt(where, f"has {lengths[0]} rows (expected {rows}) or null values")
-            if num_nodes > 1 and lengths[1] > caps[name]:
+            if plan.nodes > 1 and lengths[1] > caps[name]:
                 what = {"input_ids": "tokens", "positions": "positions"}.get(name, "entries")
                 raise CountMismatchError(f"shard {self.where}, {where}: holds {lengths[1]} {what} but the manifest "
                                          f"says {caps[name]} (or its counts allow no more); the manifest or shard was "
                                          "altered — re-copy the cache from an intact source or re-dump it")
-            for i, limit in enumerate(limits(lengths)):
-                got = self._guard(lambda j=buf + i: ipc.decompressed_size(self.fh, meta, j, self.size), where)
+            for i, limit in enumerate(plan.limits(lengths)):
+                got = self._guard(lambda j=plan.buffer + i: ipc.decompressed_size(self.fh, meta, j, self.size), where)
                 if got > limit + _PAD:
                     raise self._corrupt(where, f"buffer {i} decompresses to {got} bytes, but its {lengths} "
                                                f"entries need at most {limit}")
@@ -155,12 +172,18 @@ def _schema_of(fh: Any) -> tuple[pa.Schema, int]:
     return reader.schema, reader.num_record_batches
 
 
-def _child_length(meta: ipc.BatchMeta, plan: tuple[Any, ...]) -> int:
-    return meta.nodes[plan[0] + 1][0]
+class _ColumnPlan(NamedTuple):
+    """Where a spec column's field nodes and buffers sit in a record batch message, and their size limits."""
+
+    node: int
+    nodes: int
+    buffer: int
+    buffers: int
+    limits: Callable[[list[int]], list[int]]  # node lengths -> largest legitimate size of each buffer
 
 
-def _column_plan(schema: pa.Schema, columns: dict[str, int]) -> dict[str, tuple[Any, ...]]:
-    """Per spec column: (first field node, node count, first buffer, buffer-size limits from node lengths).
+def _column_plan(schema: pa.Schema, columns: dict[str, int]) -> dict[str, _ColumnPlan]:
+    """The :class:`_ColumnPlan` of each spec column (``columns``: name -> field index).
 
     Field nodes and buffers are laid out in schema order (pre-order), so the columns before a
     spec column must be stepped over, whatever their type.
@@ -179,9 +202,9 @@ def _column_plan(schema: pa.Schema, columns: dict[str, int]) -> dict[str, tuple[
     plan = {}
     for name, index in columns.items():
         t = schema.field(index).type
-        n0, b0 = starts[index]
-        num_nodes = ipc.layout(t)[0]  # type: ignore[index]
-        plan[name] = (n0, num_nodes, b0, _buffer_limits(t))
+        nodes, buffers = ipc.layout(t)  # type: ignore[misc]  # spec types always have a layout
+        node, buffer = starts[index]
+        plan[name] = _ColumnPlan(node, nodes, buffer, buffers, _buffer_limits(t))
     return plan
 
 
@@ -189,7 +212,7 @@ def _bitmap(n: int) -> int:
     return (n + 7) // 8
 
 
-def _buffer_limits(t: pa.DataType) -> Any:
+def _buffer_limits(t: pa.DataType) -> Callable[[list[int]], list[int]]:
     """Largest legitimate size of each buffer of a spec column of type ``t``, from its node lengths."""
     if pa.types.is_string(t):
         return lambda n: [_bitmap(n[0]), 4 * (n[0] + 1), n[0] * MAX_SAMPLE_ID_BYTES]

@@ -21,7 +21,13 @@ import pytest
 from cache_format import CacheError, CacheIdentity, CacheWriter, open_cache, verify_cache
 from cache_format import _ipc_meta as ipc
 from cache_format.codec import row_delta, row_undelta
-from cache_format.errors import CountMismatchError, EncodingError, InvariantError, ShardCorruptError
+from cache_format.errors import (
+    CountMismatchError,
+    DuplicateError,
+    EncodingError,
+    InvariantError,
+    ShardCorruptError,
+)
 from helpers.cache import (
     class_batch,
     identity,
@@ -390,3 +396,9 @@ def test_other_compressions_read_the_same(root: Path, compression: str | None) -
     fix_manifest(root)
     assert [(r.sample_id, r.logprobs.tolist(), r.tail.tolist()) for r in open_cache(root).iter_rows()] == want
     verify_cache(root)
+
+
+def test_sample_id_repeated_within_a_shard_refused(root: Path) -> None:
+    ids = read_shard(root).column("sample_id").to_pylist()
+    replace_column(root, "sample_id", pa.array([ids[0], ids[0], *ids[2:]], pa.string()))
+    assert_refused(root, DuplicateError, r"sample_id 'u0-r0' appears twice in shard .* \(rows 0 and 1\)")
