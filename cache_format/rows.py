@@ -98,7 +98,9 @@ class BatchRows:
     id_limit: int
 
     def row(self, r: int) -> str:
-        return f"shard {self.shard} row {self.first_row + r} (sample_id {self.sample_ids[r]!r})"
+        sid = self.sample_ids[r]
+        shown = repr(sid) if len(sid) <= 80 else f"{sid[:80]!r}…"  # repr escapes terminal controls
+        return f"shard {self.shard} row {self.first_row + r} (sample_id {shown})"
 
     def position(self, flat: int) -> str:
         """Where the target position with flat index ``flat`` (over the whole batch) is."""
@@ -121,9 +123,9 @@ class BatchRows:
         """Flat token ids (``what`` names them) must lie in [0, id_limit)."""
         if not ids.size or not self.id_limit:
             return
-        # One pass: seen as unsigned, a negative id (4 byte planes, top bit set) is huge too.
-        if int(ids.view(np.uint32).max() if ids.dtype == np.int32 else ids.max()) >= self.id_limit or (
-                ids.dtype != np.int32 and int(ids.min()) < 0):
+        # One pass for int32 ids: seen as unsigned, a negative id (4 byte planes, top bit set) is huge too.
+        seen = ids.view(np.uint32) if ids.dtype == np.int32 else ids
+        if int(seen.max()) >= self.id_limit or (seen.dtype.kind == "i" and int(seen.min()) < 0):
             e = int(np.flatnonzero((ids >= self.id_limit) | (ids < 0))[0])
             raise self.invalid(self.entry_position(entry_starts, e),
                                f"{what} token id {int(ids[e])} >= vocab size {self.id_limit} or < 0 (ids must be "
