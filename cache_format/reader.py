@@ -13,6 +13,7 @@ from cache_format.errors import (
     CacheNotFoundError,
     ChecksumMismatchError,
     CountMismatchError,
+    DuplicateError,
 )
 from cache_format.identity import CacheIdentity
 from cache_format.manifest import (
@@ -78,6 +79,7 @@ class CacheReader:
         self._open_index: int | None = None
         self._open_shard: ShardFile | None = None
         self._open_pid = os.getpid()
+        refuse_duplicate_shards(manifest.shards)
 
     def __getstate__(self) -> dict[str, Any]:
         """Picklable (spawned DataLoader workers): open shard handles are not carried over."""
@@ -182,6 +184,19 @@ class CacheReader:
             raise
         self._open_index, self._open_shard = i, shard
         return shard
+
+
+def refuse_duplicate_shards(shards: Sequence[ShardInfo]) -> None:
+    """Two shards with rows and one sha256 hold the same rows: a consumer would read them twice.
+
+    (Rows repeated across shards that differ elsewhere need the whole cache read: ``verify`` finds them.)
+    """
+    first: dict[str, str] = {}
+    for info in shards:
+        if info.rows and first.setdefault(info.sha256, info.name) != info.name:
+            raise DuplicateError(f"shards {first[info.sha256]} and {info.name} are byte-identical (same sha256), so "
+                                 "their rows would be read twice; the cache was assembled wrongly — re-merge it from "
+                                 "its parts or re-dump it")
 
 
 def check_counts(info: ShardInfo, rows: int, tokens: int, positions: int) -> None:

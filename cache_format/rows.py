@@ -98,9 +98,9 @@ class BatchRows:
     id_limit: int
 
     def row(self, r: int) -> str:
-        sid = self.sample_ids[r]
-        shown = repr(sid) if len(sid) <= 80 else f"{sid[:80]!r}…"  # repr escapes terminal controls
-        return f"shard {self.shard} row {self.first_row + r} (sample_id {shown})"
+        from cache_format.manifest import printable  # here: manifest imports shard, which imports this module
+
+        return f"shard {self.shard} row {self.first_row + r} (sample_id {printable(repr(self.sample_ids[r]), 80)})"
 
     def position(self, flat: int) -> str:
         """Where the target position with flat index ``flat`` (over the whole batch) is."""

@@ -176,7 +176,7 @@ def check_schema(schema: pa.Schema, enc: dict[str, Any], shard: str) -> dict[str
             continue
         got = schema.field(where[0]).type
         if len(where) > 1 or not _same_type(got, f.type):
-            raise ShardCorruptError(f"shard {shard}: column {f.name} is {got} ({len(where)} column(s) of that name), "
+            raise ShardCorruptError(f"shard {shard}: column {f.name} is {_shown(got)} ({len(where)} column(s) of that name), "
                                     f"but the spec says one column of type {f.type}; the shard is corrupt or from "
                                     "another format — re-dump it")
         found[f.name] = where[0]
@@ -190,6 +190,13 @@ def check_schema(schema: pa.Schema, enc: dict[str, Any], shard: str) -> dict[str
 def _spec_fields(enc_json: str) -> tuple[pa.Field, ...]:
     # Cached: every record batch is checked, and building the schema costs more than checking it.
     return tuple(shard_schema(json.loads(enc_json)))
+
+
+def _shown(x: object) -> str:
+    """``x`` as text safe for a terminal: Arrow types and errors quote field names a hostile shard chooses."""
+    from cache_format.manifest import printable  # here: manifest imports this module
+
+    return printable(str(x), 300)
 
 
 def _same_type(got: pa.DataType, want: pa.DataType) -> bool:
@@ -218,7 +225,8 @@ def decode_batch(batch: pa.RecordBatch, enc: dict[str, Any], shard: str, shard_i
         labels = batch.column("label").to_pylist() if "label" in batch.schema.names else [None] * batch.num_rows
     except ARROW_ERRORS as exc:
         raise ShardCorruptError(f"shard {shard} rows {first_row}..{first_row + batch.num_rows - 1} cannot be "
-                                f"decoded ({type(exc).__name__}: {exc}); re-copy or re-dump the cache") from exc
+                                f"decoded ({_shown(f'{type(exc).__name__}: {exc}')}); re-copy or re-dump the "
+                                "cache") from exc
     positions = _split(ctx.positions, ctx.pos_offsets)
     return [DecodedRow(ctx.sample_ids[i], inputs[i], positions[i], label=labels[i], shard_index=shard_index,
                        row_index=first_row + i, **parts[i]) for i in range(batch.num_rows)]

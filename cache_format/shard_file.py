@@ -20,7 +20,7 @@ import pyarrow as pa
 from cache_format import _ipc_meta as ipc
 from cache_format.encodings import ENCODINGS
 from cache_format.errors import CountMismatchError, DuplicateError, ShardCorruptError
-from cache_format.manifest import ShardInfo
+from cache_format.manifest import ShardInfo, printable
 from cache_format.rows import MAX_SAMPLE_ID_BYTES, DecodedRow
 from cache_format.shard import (
     ARROW_ERRORS,
@@ -50,8 +50,8 @@ class ShardFile:
         try:
             schema, num_batches = _schema_of(fh)
         except ARROW_ERRORS as exc:
-            raise ShardCorruptError(f"shard {where} is not a readable Arrow IPC file ({type(exc).__name__}: {exc}); "
-                                    f"{_FIX}".replace("\n", " ")) from None
+            raise ShardCorruptError(f"shard {where} is not a readable Arrow IPC file "
+                                    f"({printable(f'{type(exc).__name__}: {exc}')}); {_FIX}") from None
         self.enc = read_shard_encoding(schema, where)
         if self.enc != manifest_enc:
             raise ShardCorruptError(f"shard {where} was written with encoding {self.enc}, but the manifest says "
@@ -104,7 +104,7 @@ class ShardFile:
             for r in rows:
                 first = seen.setdefault(r.sample_id, r.row_index)
                 if first != r.row_index:
-                    raise DuplicateError(f"sample_id {r.sample_id!r} appears twice in shard {self.where} (rows {first} "
+                    raise DuplicateError(f"sample_id {printable(repr(r.sample_id), 80)} appears twice in shard {self.where} (rows {first} "
                                          f"and {r.row_index}); sample ids must be unique — re-dump the cache")
             yield rows
 
@@ -119,10 +119,10 @@ class ShardFile:
         except ipc.IpcMetaError as exc:
             raise self._corrupt(what, str(exc)) from None
         except ARROW_ERRORS as exc:
-            raise self._corrupt(what, f"cannot be read ({type(exc).__name__}: {exc})") from None
+            raise self._corrupt(what, f"cannot be read ({printable(f'{type(exc).__name__}: {exc}')})") from None
 
     def _corrupt(self, what: str, problem: str) -> ShardCorruptError:
-        return ShardCorruptError(f"shard {self.where}, {what}: {problem}; {_FIX}".replace("\n", " "))
+        return ShardCorruptError(f"shard {self.where}, {what}: {printable(problem, 1000)}; {_FIX}")
 
     def _check_dictionaries(self, dicts: list[ipc.Block]) -> None:
         total = 0

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from cache_format.errors import DuplicateError
+from cache_format.manifest import printable
 from cache_format.reader import CacheReader, check_sha256, open_cache, sha256_of
 
 
@@ -28,7 +29,7 @@ def verify_cache(path: str | os.PathLike[str] | CacheReader, storage_options: di
             check_sha256(info, sha256_of(reader.storage, info.name), reader.storage.describe(info.name))
         for row in reader.iter_rows([i]):
             if row.sample_id in seen:
-                raise DuplicateError(f"sample_id {row.sample_id!r} appears in shard {seen[row.sample_id]} and again "
+                raise DuplicateError(f"sample_id {printable(repr(row.sample_id), 80)} appears in shard {seen[row.sample_id]} and again "
                                      f"in shard {info.name} row {row.row_index}; sample ids must be unique — "
                                      "re-merge the cache from its parts or re-dump it")
             seen[row.sample_id] = info.name

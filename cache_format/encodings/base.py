@@ -93,8 +93,10 @@ class ShardColumns:
         return [self.lists(f"{prefix}_b{b}", expected)[0] for b in range(id_bytes)]
 
     def _unreadable(self, name: str, exc: BaseException) -> ShardCorruptError:
+        from cache_format.manifest import printable  # here: manifest imports this package
+
         return ShardCorruptError(f"shard {self.shard} rows from {self.first_row}: column {name} cannot be decoded "
-                                 f"({type(exc).__name__}: {exc}); re-copy the cache or re-dump it")
+                                 f"({printable(f'{type(exc).__name__}: {exc}')}); re-copy the cache or re-dump it")
 
 
 class EncodingFormat(ABC):

@@ -63,6 +63,7 @@ def fix_manifest(root: Path, edit: Callable[[dict[str, Any]], None] | None = Non
         edit(m)
     for key in ("rows", "tokens", "positions", "bytes"):
         m["totals"][key] = sum(s[key] for s in m["shards"])
+    m["totals"]["shards"] = len(m["shards"])
     (root / "manifest.json").write_text(json.dumps(m))
 
 
@@ -402,3 +403,17 @@ def test_sample_id_repeated_within_a_shard_refused(root: Path) -> None:
     ids = read_shard(root).column("sample_id").to_pylist()
     replace_column(root, "sample_id", pa.array([ids[0], ids[0], *ids[2:]], pa.string()))
     assert_refused(root, DuplicateError, r"sample_id 'u0-r0' appears twice in shard .* \(rows 0 and 1\)")
+
+
+def test_byte_identical_shards_refused_on_open(root: Path) -> None:
+    m = json.loads((root / "manifest.json").read_text())
+    name2 = "shard-u000000002-p0000.arrow"
+    shutil.copyfile(root / SHARD0, root / name2)
+    m["shards"].append({**m["shards"][0], "name": name2, "unit": 2})
+    m["units"].append(2)
+    (root / "manifest.json").write_text(json.dumps(m))
+    fix_manifest(root)
+    with pytest.raises(DuplicateError, match=f"{SHARD0} and {name2} are byte-identical"):
+        open_cache(root)
+    with pytest.raises(DuplicateError):
+        verify_cache(root)
