@@ -42,16 +42,13 @@ SHARD0 = "shard-u000000000-p0000.arrow"
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def topk_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_topk_cache(tmp_path_factory.mktemp("good") / "c", units=2)
-
-
 @pytest.fixture
-def root(topk_cache: Path, tmp_path: Path) -> Path:
-    out = tmp_path / "c"
-    shutil.copytree(topk_cache, out)
-    return out
+def root(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> Path:
+    """A private copy of one valid top-k cache (2 units x 4 rows), built once per session."""
+    pristine = tmp_path_factory.getbasetemp() / "safe-decode-pristine"
+    if not pristine.exists():
+        write_topk_cache(pristine, units=2)
+    return Path(shutil.copytree(pristine, tmp_path / "c"))
 
 
 def fix_manifest(root: Path, edit: Callable[[dict[str, Any]], None] | None = None) -> None:
