@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 
-from cache_format._files import copy_hashing
 from cache_format.errors import (
     CacheNotFoundError,
     ChecksumMismatchError,
@@ -31,13 +30,14 @@ from cache_format.storage import Storage
 
 
 def open_cache(path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None, *,
-               verify_checksums: bool = False) -> CacheReader:
+               verify_checksums: bool = True) -> CacheReader:
     """Open a finished cache (local path, ``file://``, ``s3://``, ``gs://``, ``hf://``...).
 
     The manifest is size-capped, schema-checked, version-checked and path-checked before any
     shard is opened; every file is opened as SPEC §1 requires of untrusted caches (regular files
-    only, never past the manifest's byte count). ``verify_checksums`` also checks each shard's
-    sha256 as it is read (one pass), before any of it is decoded.
+    only, never past the manifest's byte count). ``verify_checksums`` (on by default: a shared
+    cache is untrusted until checked) checks each shard's sha256 as it is read (one pass), before
+    any of it is decoded; turn it off only for caches you wrote yourself on local disk.
     """
     storage = Storage(path, storage_options)
     try:
@@ -72,7 +72,7 @@ def read_identity(path: str | os.PathLike[str], storage_options: dict[str, Any] 
 class CacheReader:
     """Read rows of a finished cache; see ``iter_rows`` and ``read_row``."""
 
-    def __init__(self, storage: Storage, manifest: Manifest, *, verify_checksums: bool = False) -> None:
+    def __init__(self, storage: Storage, manifest: Manifest, *, verify_checksums: bool = True) -> None:
         self.storage = storage
         self.manifest = manifest
         self.verify_checksums = verify_checksums
@@ -212,8 +212,3 @@ def check_sha256(info: ShardInfo, digest: str, where: str) -> None:
         raise ChecksumMismatchError(f"shard {where}: sha256 {digest[:16]}… differs from the manifest's "
                                     f"{info.sha256[:16]}…; the file changed after it was written — re-copy or "
                                     "re-dump it")
-
-
-def sha256_of(storage: Storage, name: str) -> str:
-    with storage.open(name) as fh:
-        return copy_hashing(fh)

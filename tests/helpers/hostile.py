@@ -704,7 +704,7 @@ CASES: dict[str, Case] = {
     "input_ids_int64": Case(input_ids_int64, "data"),
     "sample_id_binary": Case(sample_id_binary, "data"),
     "topk_values_string": Case(topk_values_string, "data"),
-    "value_step_changed": Case(value_step_changed, "data"),
+    "value_step_changed": Case(value_step_changed, "data", mentions=(SHARD0, SHARD1)),
     "shard_listed_twice": Case(shard_listed_twice, "manifest"),
     "shard_duplicated_under_new_name": Case(shard_duplicated_under_new_name, "data",
                                             mentions=("u0-r0", "shard-u000000002-p0000.arrow")),
