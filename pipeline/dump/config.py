@@ -10,6 +10,7 @@ from pydantic import Field, field_validator, model_validator
 from pipeline.config import StrictModel, cli_flags
 from pipeline.dump.datasets import DatasetFormat
 from pipeline.dump.tasks import Task
+from pipeline.train.config import check_finite
 
 
 class DumpConfig(StrictModel):
@@ -107,6 +108,7 @@ class DumpConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> DumpConfig:
+        check_finite(self)  # e.g. --gpu-memory-utilization nan, or a temperature option
         if self.worker_index >= self.num_workers:
             raise ValueError(
                 f"--worker-index {self.worker_index} must be below --num-workers {self.num_workers} (0-based)"
