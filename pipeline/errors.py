@@ -84,8 +84,9 @@ def _os_error(exc: OSError) -> str:
     if isinstance(exc.filename, str) and os.path.islink(exc.filename) and not os.path.exists(exc.filename):
         return f"{path} is a symbolic link to a missing target; remove the link or point it at an existing path"
     if code in (errno.EACCES, errno.EPERM, errno.EROFS) or isinstance(exc, PermissionError):
-        what = "the file system is read-only" if code == errno.EROFS else "permission denied"
-        return f"cannot write or read {path}: {what} ({first_line(exc)}); choose a writable --out or fix permissions"
+        what = ("the file system is read-only" if code == errno.EROFS else "permission denied" if code is not None
+                else first_line(exc))
+        return f"cannot write or read {path}: {what}; choose a writable --out (or fix the permissions)"
     if code == errno.ENOTDIR:
         return f"{path}: a part of this path is a file, not a folder; if it is --out, give a folder path"
     if code == errno.ELOOP:

@@ -98,6 +98,9 @@ def check_output_folder(cfg: TrainConfig) -> None:
         raise ConfigError(f"--out {out} is a symbolic link to a missing target; remove it or give a real folder")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out (flag --out) {out} is a file; give a folder")
+    blocking = next((p for p in out.parents if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise ConfigError(f"--out {out} lies under {blocking}, which is a file; give a folder path")
     _check_inputs_are_safe(cfg, out)
     if not (out.exists() and any(out.iterdir())):
         return
@@ -188,7 +191,7 @@ def load_usable_checkpoint(accelerator: Any, ckpt_dir: Path) -> tuple[Path, list
         except KdpipeError:
             raise
         except _damaged_file_errors() as exc:
-            problem = f"{type(exc).__name__}: {first_line(exc)}"
+            problem = f"{type(exc).__name__}: {first_line(exc).split('. ')[0][:160]}"  # torch's run on
         if not _failed_anywhere(accelerator, bool(problem)):
             return path, history
         problems.append(f"{path.name}: {problem}")

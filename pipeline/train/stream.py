@@ -197,6 +197,20 @@ class CacheStream(IterableDataset):
                 batch = []
 
 
+def _from_worker(exc: Exception) -> Exception:
+    """A DataLoader worker's error as the worker raised it: torch re-raises it with the worker's traceback in
+    the message ("Caught X in DataLoader worker process 0. Original Traceback ..."), which would turn a
+    one-line error (a checksum mismatch, a corrupt shard) into a traceback on the user's screen."""
+    text = str(exc)
+    marker = f"{type(exc).__name__}: "
+    if not (text.startswith("Caught ") and "Original Traceback" in text and marker in text):
+        return exc
+    try:
+        return type(exc)(text.rsplit(marker, 1)[-1].strip())
+    except Exception:  # an exception class that cannot be rebuilt from its message stays as it was
+        return exc
+
+
 class StreamLoader:
     """A DataLoader over :class:`CacheStream` that knows its position (``state_dict``)."""
 
@@ -220,7 +234,10 @@ class StreamLoader:
             loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
                                 persistent_workers=False)
             self._it = iter(loader)
-        batch = next(self._it)
+        try:
+            batch = next(self._it)
+        except Exception as exc:
+            raise _from_worker(exc) from None
         self.batches += 1
         return batch
 
