@@ -15,17 +15,11 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from cache_format.manifest import (
-    INCOMPLETE_MARKER,
-    MANIFEST_NAME,
-    PROGRESS_JOURNAL,
-    SHARD_NAME_RE,
-    TMP_PREFIX,
-    ShardInfo,
-)
+from cache_format import manifest as cm
+from cache_format.manifest import ShardInfo
 
 # The writer's temporary names: TMP_PREFIX, a uuid4 hex, "-", the final name (cache_format._files.temp_name).
-_OWN_TEMP = re.compile(re.escape(TMP_PREFIX) + r"[0-9a-f]{32}-.")
+_OWN_TEMP = re.compile(re.escape(cm.TMP_PREFIX) + r"[0-9a-f]{32}-.")
 
 
 def is_own_temp(path: Path) -> bool:
@@ -35,19 +29,19 @@ def is_own_temp(path: Path) -> bool:
 
 def foreign_entries(folder: Path) -> list[str]:
     """Names in ``folder`` that kdpipe's cache writer did not create (never deleted by ``--overwrite``)."""
-    own = {MANIFEST_NAME, INCOMPLETE_MARKER, PROGRESS_JOURNAL}
+    own = {cm.MANIFEST_NAME, cm.INCOMPLETE_MARKER, cm.PROGRESS_JOURNAL}
     return sorted(p.name for p in folder.iterdir() if p.is_symlink() or not p.is_file()
-                  or not (p.name in own or SHARD_NAME_RE.match(p.name) or p.name.startswith(TMP_PREFIX)))
+                  or not (p.name in own or cm.SHARD_NAME_RE.match(p.name) or p.name.startswith(cm.TMP_PREFIX)))
 
 
 def _recorded_shards(folder: Path) -> list[ShardInfo]:
     """The shards of the cache's completed units: from the manifest when finished, else from the journal.
     Unreadable journal lines are skipped here; the writer decides what they mean when it resumes."""
-    if (folder / MANIFEST_NAME).is_file():
+    if (folder / cm.MANIFEST_NAME).is_file():
         from cache_format import open_cache
 
         return list(open_cache(str(folder)).manifest.shards)
-    journal = folder / PROGRESS_JOURNAL
+    journal = folder / cm.PROGRESS_JOURNAL
     shards: list[ShardInfo] = []
     for line in journal.read_bytes().splitlines() if journal.is_file() else []:
         try:
@@ -84,7 +78,7 @@ def repair_units(folder: Path, identity: Any) -> list[str]:
     damaged = [(info, why) for info in _recorded_shards(folder) if (why := _shard_problem(folder, info))]
     if not damaged:
         return []
-    if (folder / MANIFEST_NAME).is_file():
+    if (folder / cm.MANIFEST_NAME).is_file():
         from cache_format import CacheWriter
 
         CacheWriter(folder, identity, mode="resume").close()
