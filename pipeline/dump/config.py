@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Literal
 
@@ -125,6 +126,10 @@ class DumpConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> DumpConfig:
+        # inf passes a gt=0 bound (a temperature option, say) and would reach the teacher as a number.
+        bad = next((name for name, value in self if isinstance(value, float) and not math.isfinite(value)), None)
+        if bad is not None:
+            raise ValueError(f"--{bad.replace('_', '-')} must be a finite number, got {getattr(self, bad)}")
         if self.worker_index >= self.num_workers:
             raise ValueError(
                 f"--worker-index {self.worker_index} must be below --num-workers {self.num_workers} (0-based)"

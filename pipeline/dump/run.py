@@ -76,20 +76,30 @@ class _Output:
 
 
 def _setup_output(cfg: DumpConfig) -> _Output:
+    """Create, overwrite or resume: decided (and refused) before any work; nothing is deleted here."""
     from cache_format import CacheError, read_identity
     from cache_format.manifest import INCOMPLETE_MARKER, MANIFEST_NAME
+    from pipeline.dump.output import foreign_entries, is_own_temp
 
     path = Path(cfg.out).expanduser()
+    if path.is_symlink() and not path.exists():
+        raise ConfigError(f"--out {path} is a symbolic link to a missing target; remove it or give a real folder")
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--out {path} exists and is not a folder; choose a folder path")
-    entries = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    entries = sorted(path.iterdir()) if path.is_dir() else []
     if not entries:
         return _Output(path, "create", None)
-    if MANIFEST_NAME not in entries and INCOMPLETE_MARKER not in entries:
-        raise ConfigError(
-            f"--out {path} is not empty and holds no kdpipe cache; choose an empty or new folder"
-        )
+    names = [p.name for p in entries]
+    if MANIFEST_NAME not in names and INCOMPLETE_MARKER not in names:
+        if all(is_own_temp(p) for p in entries):
+            # A dump stopped before its marker was in place: only kdpipe's temp files, no work to keep.
+            return _Output(path, "overwrite", None)
+        raise ConfigError(f"--out {path} is not empty and holds no kdpipe cache; choose an empty or new folder")
     if cfg.overwrite:
+        foreign = foreign_entries(path)
+        if foreign:
+            raise ConfigError(f"--overwrite refused: --out {path} holds {foreign[0]!r}, which kdpipe did not write; "
+                              "nothing was deleted — move it out of the cache folder or choose another --out")
         return _Output(path, "overwrite", None)
     try:
         stored = read_identity(path)
@@ -248,7 +258,10 @@ def _setup_identity(cfg: DumpConfig, tok: Any, info: _ModelInfo, ds: Any, rcfg: 
 
 
 def _check_resume(cfg: DumpConfig, out: _Output, identity: Any) -> None:
-    """Refuse to resume into a cache made with other settings, naming the first ones that differ."""
+    """Refuse to resume into a cache made with other settings, naming the first ones that differ; then
+    re-check the finished units' shards and have the writer redo those missing or damaged."""
+    from pipeline.dump.output import repair_units
+
     if out.mode != "resume" or out.previous is None:
         return
     stored = out.previous
@@ -262,6 +275,8 @@ def _check_resume(cfg: DumpConfig, out: _Output, identity: Any) -> None:
             + "; ".join(diffs[:5]) + " — rerun with the same settings to resume, pass --overwrite to replace it, "
             "or choose another --out"
         )
+    for problem in repair_units(out.path, identity):
+        print(f"note: {problem}; its unit is dumped again", file=sys.stderr)
 
 
 def _setup_backend(cfg: DumpConfig, tok: Any, max_length: int) -> Any:

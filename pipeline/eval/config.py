@@ -58,6 +58,12 @@ class EvalConfig(StrictModel):
         "float32", description="Model dtype; float32 gives exact numbers on CPU (bfloat16 for large models on GPU).")
     teacher: str | None = Field(None, description="Teacher model: adds top-1 agreement and KL.")
     cache: str | None = Field(None, description="Teacher cache (path or URL): agreement on the cache's rows.")
+    verify_checksums: bool = Field(True, description="With --cache: check each shard's sha256 against the "
+                                                     "manifest as it is read (a shared cache is untrusted input); "
+                                                     "--no-verify-checksums only for a trusted local cache.")
+    allow_vocab_mismatch: bool = Field(False, description="With --cache: accept a model whose tokenizer "
+                                                          "fingerprint differs from the cache's (as train-student "
+                                                          "does); off: it must match exactly.")
     json_path: str | None = Field(None, json_schema_extra=cli_flags("--json"),
                                   description="Write the result (and config) as JSON here.")
     compare: list[str] | None = Field(None, description="NAME=PATH or PATH (a model, or an earlier --json result); "

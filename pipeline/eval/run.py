@@ -64,6 +64,8 @@ def evaluate_model(cfg: EvalConfig, engine: Any = None) -> dict[str, Any]:
     if not cfg.dataset and not cfg.cache:
         raise ConfigError("pass --dataset to score the model (or --cache to measure agreement with a teacher cache)")
     model, tokenizer, params = _setup_model(cfg, runtime)
+    if cfg.cache:
+        _check_cache_tokenizer(cfg, tokenizer)
     result: dict[str, Any] = {
         "model": cfg.model,
         "task": cfg.task,
@@ -361,7 +363,7 @@ def _agreement_with_cache(cfg: EvalConfig, model: Any, runtime: Runtime) -> dict
 
     from cache_format import open_cache
 
-    reader = open_cache(cfg.cache)
+    reader = open_cache(cfg.cache, verify_checksums=cfg.verify_checksums)
     vocab = _model_vocab(model)
     stats = metrics.AgreementStats()
     with torch.inference_mode():
@@ -386,6 +388,21 @@ def _agreement_with_cache(cfg: EvalConfig, model: Any, runtime: Runtime) -> dict
     if stats.positions == 0:
         raise DatasetError(f"cache {cfg.cache} has no rows to compare with; check --cache and --limit")
     return stats.summary()
+
+
+def _check_cache_tokenizer(cfg: EvalConfig, tokenizer: Any) -> None:
+    """Refuse (before any work) a model whose tokenizer is not the cache's: its token ids would be compared
+    with another vocabulary's. The same rule and flag as ``train-student``."""
+    from cache_format import open_cache, tokenizer_fingerprint
+
+    info = open_cache(cfg.cache).manifest.identity.tokenizer or {}
+    expected, actual = info.get("fingerprint"), tokenizer_fingerprint(tokenizer)
+    if expected and expected != actual and not cfg.allow_vocab_mismatch:
+        raise ModelError(
+            f"the tokenizer of --model {cfg.model} differs from the cache's ({cfg.cache}: tokenizer "
+            f"{info.get('name')!r}, vocab {info.get('vocab_size')}, fingerprint {expected[:19]}...; model: vocab "
+            f"{len(tokenizer)}, fingerprint {actual[:19]}...); evaluate a model with the teacher's tokenizer, or "
+            "pass --allow-vocab-mismatch if the vocabularies are known to share ids")
 
 
 def _model_vocab(model: Any) -> int | None:
