@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -244,10 +244,16 @@ def sparse_position_loss(lq_ids: torch.Tensor, lq_label: torch.Tensor, targets: 
         :class:`PositionLoss` of ``[N]`` tensors: the loss and its two parts (for logging).
     """
     t_logp, tail, valid = targets.logprobs, targets.tail, targets.valid
-    if not spec.tail_bucket and not spec.sampled:
-        t_logp, tail = renormalised_topk(t_logp, valid), torch.zeros_like(tail)
-    lp, present = teacher_buckets(t_logp, tail, valid)
-    kd = bucket_divergence(lp, student_buckets(lq_ids, valid), present, spec)
+    if targets.dense and lq_ids.shape == t_logp.shape:
+        # k = V in vocabulary order: the buckets are the tokens themselves, all present, no tail (and
+        # renormalising changes nothing), so the [N, V + 1] bucket copies are skipped.
+        all_present = torch.ones((1, 1), dtype=torch.bool, device=lq_ids.device)
+        kd = bucket_divergence(t_logp.float().clamp_min(LOG_FLOOR), lq_ids, all_present, spec)
+    else:
+        if not spec.tail_bucket and not spec.sampled:
+            t_logp, tail = renormalised_topk(t_logp, valid), torch.zeros_like(tail)
+        lp, present = teacher_buckets(t_logp, tail, valid)
+        kd = bucket_divergence(lp, student_buckets(lq_ids, valid), present, spec)
     ce = hard_ce(lq_label, targets.labels)
     loss = kd if spec.alpha == 0 else (1 - spec.alpha) * kd + spec.alpha * ce
     return PositionLoss(loss, kd, ce)
@@ -268,10 +274,11 @@ class HeadSpec:
 def head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, head: HeadSpec) -> torch.Tensor:
     """Float32 logits ``[n, V]`` from ``hidden [n, H]``, ``weight [V, H]``, ``bias [V] | None``."""
     with torch.autocast(device_type=hidden.device.type, enabled=False):  # bf16 autocast must not downcast
-        return _scaled(F.linear(hidden.float(), weight.float(), None if bias is None else bias.float()), head)
+        return scale_logits(F.linear(hidden.float(), weight.float(), None if bias is None else bias.float()), head)
 
 
-def _scaled(logits: torch.Tensor, head: HeadSpec) -> torch.Tensor:
+def scale_logits(logits: torch.Tensor, head: HeadSpec) -> torch.Tensor:
+    """The model's output scaling (``head``) applied to raw head outputs ``h @ W.T + b``."""
     if head.logit_scale != 1.0:
         logits = logits * head.logit_scale
     if head.softcap is not None:
@@ -292,6 +299,9 @@ class KDTargets:
     tail: torch.Tensor  # [N] float32
     valid: torch.Tensor  # [N, k] bool
     labels: torch.Tensor  # [N] int64, -100 = none
+    # True: k = V and ids[:, j] = j, every entry valid, tail 0 (the teacher's whole distribution);
+    # the loss then works on the [N, V] tensors directly instead of gathering and bucketing them.
+    dense: bool = False
 
     @property
     def num_positions(self) -> int:
@@ -300,7 +310,7 @@ class KDTargets:
     def __getitem__(self, positions: slice) -> KDTargets:
         """The targets of a slice of the positions (a chunk)."""
         return KDTargets(ids=self.ids[positions], logprobs=self.logprobs[positions], tail=self.tail[positions],
-                         valid=self.valid[positions], labels=self.labels[positions])
+                         valid=self.valid[positions], labels=self.labels[positions], dense=self.dense)
 
     @classmethod
     def full_distribution(cls, teacher_logits: torch.Tensor, labels: torch.Tensor) -> KDTargets:
@@ -312,7 +322,18 @@ class KDTargets:
         return cls(ids=ids, logprobs=torch.log_softmax(teacher_logits.float(), dim=-1),
                    tail=teacher_logits.new_zeros(n, dtype=torch.float32),
                    valid=torch.ones((1, 1), dtype=torch.bool, device=teacher_logits.device).expand(n, vocab),
-                   labels=labels)
+                   labels=labels, dense=True)
+
+
+class PositionTargets(Protocol):
+    """What :class:`~pipeline.train.kd_loss.SparseKDLoss` reads: a count, and the :class:`KDTargets` of
+    a chunk of positions. :class:`KDTargets` is one; a lazy one (the online teacher's, which computes
+    each chunk's distribution only when the loss asks for it) is another."""
+
+    @property
+    def num_positions(self) -> int: ...
+
+    def __getitem__(self, positions: slice) -> KDTargets: ...
 
 
 @dataclass(frozen=True)
