@@ -39,7 +39,8 @@ class TrainConfig(StrictModel):
     # Online KD: the teacher runs in this process; the cache then only supplies the rows.
     teacher: str | None = Field(None, description="Online KD: a teacher model folder or hub name run in this process; "
                                                   "its full distribution replaces the cache's targets (the cache "
-                                                  "still gives the rows and their order). Needs the cache's tokenizer.")
+                                                  "still gives the rows and their order). Needs the cache's tokenizer; "
+                                                  "the loss then holds ~6 x chunk x V float32.")
     teacher_dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="dtype of the --teacher model; float32 gives exact log-probs, as `dump-teacher` "
                                "does by default (bfloat16 on GPUs).")
