@@ -4,10 +4,10 @@ A **teacher** is any ``Callable[[batch], PositionTargets | ClassTargets]``: give
 (:mod:`pipeline.train.collate`, already on the training device) it returns the targets at the
 batch's target positions — for token caches one row per ``True`` of ``target_mask``, in
 row-major order (a :class:`~pipeline.train.losses.KDTargets`, or a lazy one whose chunks are
-computed when the loss asks for them); for ``class_logits`` caches one row per batch row. That is exactly what the
-loss consumes. The default is :func:`cached_targets` (the teacher that wrote the cache);
-:class:`OnlineTeacher` runs a teacher model in this process instead (online KD), on the same
-batches, so offline and online KD differ only in where the targets come from.
+computed when the loss asks for them); for ``class_logits`` caches one row per batch row. That
+is exactly what the loss consumes. The default is :func:`cached_targets` (the teacher that wrote
+the cache); :class:`OnlineTeacher` runs a teacher model in this process instead (online KD), on
+the same batches, so offline and online KD differ only in where the targets come from.
 """
 
 from __future__ import annotations
