@@ -14,6 +14,7 @@ import torch
 
 from helpers.train import build_trained_teacher, one_torch_thread, write_teacher_cache
 from pipeline.errors import ConfigError, ModelError
+from pipeline.train.checkpoint import RUN_MARKER
 from pipeline.train.collate import collate_rows
 from pipeline.train.distill import OnlineTeacher, TeacherHeadTargets, cached_targets
 from pipeline.train.kd_loss import SparseKDLoss
@@ -192,8 +193,9 @@ def test_cli_train_student_with_teacher_and_cache(teacher_dir: Path, topk_cache:
 
 
 def _occupied(tmp_path: Path) -> Path:
-    """An output folder holding a file no refused run may touch."""
+    """A previous run's output folder (so --overwrite may replace it) holding a file no refused run may touch."""
     (tmp_path / "occupied").mkdir()
+    (tmp_path / "occupied" / RUN_MARKER).write_text("{}\n")
     (tmp_path / "occupied" / "keep.txt").write_text("precious")
     return tmp_path / "occupied"
 
@@ -217,7 +219,7 @@ def test_teacher_with_another_vocabulary_is_refused(topk_cache: Path, tiny_stude
     build_llama(500, tokenizer=tiny_tokenizer, out_dir=wide, seed=3)  # same tokenizer, more output rows
     with pytest.raises(ModelError, match=rf"--teacher .*500 output rows.*larger than the student's \({vocab}\)"):
         run_train(_cfg(topk_cache, tiny_student_dir, occupied, teacher=str(wide), max_steps=1, overwrite=True))
-    assert sorted(p.name for p in occupied.iterdir()) == ["keep.txt"]
+    assert sorted(p.name for p in occupied.iterdir()) == sorted(["keep.txt", RUN_MARKER])
 
 
 def test_teacher_settings_are_checked(topk_cache: Path, teacher_dir: Path, tiny_student_dir: Path,
@@ -232,4 +234,4 @@ def test_teacher_settings_are_checked(topk_cache: Path, teacher_dir: Path, tiny_
                            overwrite=True), teacher=cached_targets)
     with pytest.raises(ConfigError, match=r"--teacher.*Trainer\(teacher=...\)"):
         trainer.setup()
-    assert sorted(p.name for p in occupied.iterdir()) == ["keep.txt"]
+    assert sorted(p.name for p in occupied.iterdir()) == sorted(["keep.txt", RUN_MARKER])
