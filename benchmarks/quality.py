@@ -16,7 +16,7 @@ For each task, the same student architecture, the same steps and the same data o
 - ``sampled{N}``: offline KD from a ``sampled`` cache with ``N`` draws per position;
 - ``online``: KD from the teacher's full distribution, computed on the fly, on the same
   batches (read from the k=64 cache's stream: only its ``input_ids`` are used) with the same
-  optimizer, schedule and loss code (``pipeline.train.losses`` with k = V);
+  optimizer, schedule and loss code (``Trainer(teacher=OnlineTeacher(...))``, the loss with k = V);
 - ``teacher``: the teacher itself.
 
 Artifacts (teachers, caches, students, per-arm results) live under
@@ -208,52 +208,15 @@ def dump(task_dir: Path, name: str, settings: dict[str, Any], fresh: bool = Fals
     return info
 
 
-class _MappedLoader:
-    """A StreamLoader whose batches go through ``fn`` (same order, same checkpoint state)."""
-
-    def __init__(self, inner: Any, fn: Any) -> None:
-        self.inner, self.fn = inner, fn
-
-    def __iter__(self) -> _MappedLoader:
-        return self
-
-    def __next__(self) -> dict[str, Any]:
-        return self.fn(next(self.inner))
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.inner.load_state_dict(state)
-
-
-def _make_trainer(cfg: Any, transform: Any = None) -> Any:
-    """kdpipe's Trainer, optionally with a batch transform (the renormalised and online arms), and a
-    timer around each optimizer step (data + forward + backward + update, no eval/checkpoint)."""
-    from pipeline.train.trainer import Trainer
-
-    class QualityTrainer(Trainer):
-        step_times: list[float]
-
-        def _setup_data(self) -> None:
-            super()._setup_data()
-            self.step_times = []
-            if transform is not None:
-                self.loader = _MappedLoader(self.loader, transform)
-
-        def _train_step(self) -> tuple[float, int]:
-            t0 = time.perf_counter()
-            out = super()._train_step()
-            self.step_times.append(time.perf_counter() - t0)
-            return out
-
-    return QualityTrainer(cfg)
-
-
 def train(task_dir: Path, arm: str, cache: Path, student_init: Path, settings: dict[str, Any],
-          transform: Any = None, fresh: bool = False) -> tuple[Path, dict[str, Any]]:
-    """``pipeline.train.trainer`` on ``cache`` into ``task_dir/runs/arm``; returns (student folder, summary)."""
-    from pipeline.train.trainer import TrainConfig
+          teacher: Any = None, fresh: bool = False) -> tuple[Path, dict[str, Any]]:
+    """kdpipe's ``Trainer`` on ``cache`` into ``task_dir/runs/arm``; returns (student folder, summary).
+
+    ``teacher`` (a ``pipeline.train.distill.Teacher``, e.g. ``OnlineTeacher``) replaces the cached
+    targets (the online arm). ``train_step_s`` is the median optimizer step (forward, backward,
+    update; the first step and data loading excluded), from the trainer's ``on_step`` metrics.
+    """
+    from pipeline.train.trainer import TrainConfig, Trainer
 
     out = task_dir / "runs" / arm
     info_path = task_dir / "runs" / f"{arm}.train.json"
@@ -265,10 +228,9 @@ def train(task_dir: Path, arm: str, cache: Path, student_init: Path, settings: d
                       tensorboard=False, seed=SEED, eval_every=steps, save_every=steps, keep_checkpoints=1,
                       **settings)
     log(f"train {arm} from {cache.name} ({steps} steps)")
-    trainer = _make_trainer(cfg, transform)
-    summary = trainer.run()
+    times: list[float] = []
+    summary = Trainer(cfg, teacher=teacher, on_step=lambda step: times.append(step.seconds)).run()
     shutil.rmtree(out / "checkpoints", ignore_errors=True)  # only the final student is needed
-    times = trainer.step_times
     info = {
         "arm": arm, "cache": str(cache), "steps": summary["steps"], "first_loss": summary["first_loss"],
         "final_loss": summary["final_loss"], "tokens_seen": summary["tokens_seen"], "wall_s": summary["wall_s"],
@@ -281,26 +243,13 @@ def train(task_dir: Path, arm: str, cache: Path, student_init: Path, settings: d
     return out, info
 
 
-def online_transform(teacher: Any) -> Any:
-    """Online KD: the teacher runs on each batch and its full-vocabulary log-softmax replaces the
-    cached targets (k = V, tail 0), so ``pipeline.train.losses`` computes the exact full KL. Only the
-    cache's ``input_ids``/``target_mask`` (i.e. the same rows in the same order) are used."""
-    import torch
+def online_teacher(teacher: Any) -> Any:
+    """Online KD: the teacher runs on each batch and its full distribution (k = V, tail 0; class logits
+    for a classifier) replaces the cached targets, so ``pipeline.train.kd_loss`` computes the exact full
+    KL. Only the cache's ``input_ids``/``target_mask`` (i.e. the same rows in the same order) are used."""
+    from pipeline.train.distill import OnlineTeacher
 
-    def fn(batch: dict[str, Any]) -> dict[str, Any]:
-        with torch.no_grad():
-            logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        if "class_logits" in batch:
-            batch["class_logits"] = logits
-            return batch
-        B, T, V = logits.shape
-        batch["logprobs"] = torch.log_softmax(logits, dim=-1)
-        batch["ids"] = torch.arange(V).expand(B, T, V)
-        batch["valid"] = torch.ones((1, 1, 1), dtype=torch.bool).expand(B, T, V)
-        batch["tail"] = torch.zeros((B, T))
-        return batch
-
-    return fn
+    return OnlineTeacher(teacher)
 
 
 def make_student_init(task_dir: Path, teacher_dir: Path, arch: dict[str, Any], num_labels: int | None = None) -> Path:
@@ -404,7 +353,7 @@ def token_arms(tdir: Path, topk: dict[int, dict[str, Any]], sampled: dict[int, d
     ref = topk[max(topk)]
     plan: list[tuple[str, str, dict[str, Any] | None, Any, dict[str, Any]]] = [
         ("ce", "student CE (no teacher)", None, None, {"alpha": 1.0}),
-        ("online", "student online KD (full distribution)", None, online_transform(teacher), {}),
+        ("online", "student online KD (full distribution)", None, online_teacher(teacher), {}),
     ]
     for k, c in topk.items():
         plan.append((f"topk{k}", f"student top-{k} + tail", c, None, {"k": k}))
@@ -415,10 +364,10 @@ def token_arms(tdir: Path, topk: dict[int, dict[str, Any]], sampled: dict[int, d
     extra = [a for a in (args.diagnostic.split(",") if args.diagnostic else []) if "-alpha" in a]
     for name in extra:
         base, alpha = name.rsplit("-alpha", 1)
-        for arm, label, c, tf, kw in list(plan):
+        for arm, label, c, online, kw in list(plan):
             if arm == base:
-                plan.append((name, f"{label}, alpha {alpha} (diagnostic)", c, tf, {**kw, "alpha": float(alpha)}))
-    for arm, label, c, tf, kw in plan:
+                plan.append((name, f"{label}, alpha {alpha} (diagnostic)", c, online, {**kw, "alpha": float(alpha)}))
+    for arm, label, c, online, kw in plan:
         if not (want(arm) or arm in extra):
             continue
         alpha = kw.pop("alpha", None)
@@ -426,7 +375,7 @@ def token_arms(tdir: Path, topk: dict[int, dict[str, Any]], sampled: dict[int, d
         if "tail_bucket" in kw:  # renormalised top-k: the trainer's --no-tail-bucket
             settings = {**settings, "tail_bucket": kw.pop("tail_bucket")}
         cache = Path((c or ref)["path"])
-        d, t = train(tdir, arm, cache, init, settings, transform=tf, fresh=args.fresh)
+        d, t = train(tdir, arm, cache, init, settings, teacher=online, fresh=args.fresh)
         evaluate(label, d, c if arm != "ce" else None, t, arm=arm, alpha=settings.get("alpha", 0.0), **kw)
 
 
@@ -587,7 +536,7 @@ def run_classification(args: argparse.Namespace) -> list[dict[str, Any]]:
         d, t = train(tdir, "kd-alpha0.5", lab, init, {**tset, "alpha": 0.5}, fresh=args.fresh)
         evaluate("student KD + CE (alpha 0.5, SST-2 train)", d, labeled, t, arm="kd-alpha0.5")
     if want("online"):
-        d, t = train(tdir, "online", lab, init, tset, transform=online_transform(teacher), fresh=args.fresh)
+        d, t = train(tdir, "online", lab, init, tset, teacher=online_teacher(teacher), fresh=args.fresh)
         evaluate("student online KD (teacher in memory)", d, None, t, arm="online")
     if want("kd-unlabeled"):
         d, t = train(tdir, "kd-unlabeled", Path(unlabeled["path"]), init, tset, fresh=args.fresh)

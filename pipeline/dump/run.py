@@ -5,7 +5,8 @@ Flow (each step a ``_setup_*`` function, then one loop):
 1. the output folder: create, ``--overwrite``, or resume an earlier run of the same settings;
 2. tokenizer and the teacher's config (cheap: k, vocabulary and context are checked before the
    model loads);
-3. dataset -> recipe -> examples, in dataset order (``sample_id`` = the row / window index);
+3. dataset -> recipe -> examples, in dataset order (``sample_id`` = the row index, or an LM
+   window's provenance ``doc<D>:tok<T>@doc<D0>:tok<T0>``);
 4. the cache identity; a resume into a cache with other settings is refused naming the setting;
 5. the teacher backend; then the work loop.
 
@@ -14,7 +15,8 @@ worker ``j % num_workers``. A unit is the resume granule (the writer journals it
 ``end_unit``) and the batching scope (rows are sorted by length *inside* a unit, so a unit's
 numbers do not depend on which worker runs it, and N workers + merge equal one worker).
 Encoding and writing run on the writer's background thread while the next unit's forward pass
-runs, so the teacher never waits for compression or the disk.
+runs, so the teacher never waits for compression or the disk. With ``--engine ray`` the units are
+computed by a pool of Ray actors (:mod:`pipeline.dump.ray_engine`) and written here as they finish.
 
 The resolved config goes into the manifest's ``identity.run`` and, re-loadable with ``--config``,
 beside the cache as ``<out>.config.yaml`` (:func:`config_path`); the cache folder holds only
@@ -27,6 +29,7 @@ import json
 import re
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,26 +38,24 @@ from typing import Any, Literal
 from cache_format import CacheIdentity
 from pipeline.config import save_resolved_config
 from pipeline.dump.config import DumpConfig
-from pipeline.dump.sinks import (
-    Sink,
-    capture_label,
-    check_distinct,
-    check_given_backend,
-    format_with_outputs,
-    resolve_capture,
-    sink_configs,
-    unit_batches,
-)
-from pipeline.dump.sinks import unit_seed as unit_seed  # re-exported
 from pipeline.dump.summary import build_summary
-from pipeline.dump.summary import format_summary as _format_cache_summary
 from pipeline.dump.tasks import (
     Example,
     RecipeConfig,
     RecipeResult,
     build_examples,
-    make_prompt_response_example,
 )
+from pipeline.dump.units import (
+    Sink,
+    capture_label,
+    check_distinct,
+    check_given_backend,
+    resolve_capture,
+    sink_configs,
+)
+from pipeline.dump.units import compute_unit as compute_unit  # re-exported (ray_engine's actors call it)
+from pipeline.dump.units import format_summary as format_summary  # re-exported for the CLI
+from pipeline.dump.units import unit_seed as unit_seed  # re-exported
 from pipeline.errors import ConfigError, DatasetError, ModelError
 from pipeline.hf_io import first_line, load_config, load_tokenizer
 
@@ -80,20 +81,30 @@ class _Output:
 
 
 def _setup_output(cfg: DumpConfig) -> _Output:
+    """Create, overwrite or resume: decided (and refused) before any work; nothing is deleted here."""
     from cache_format import CacheError, read_identity
     from cache_format.manifest import INCOMPLETE_MARKER, MANIFEST_NAME
+    from pipeline.dump.output import foreign_entries, is_own_temp
 
     path = Path(cfg.out).expanduser()
+    if path.is_symlink() and not path.exists():
+        raise ConfigError(f"--out {path} is a symbolic link to a missing target; remove it or give a real folder")
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--out {path} exists and is not a folder; choose a folder path")
-    entries = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    entries = sorted(path.iterdir()) if path.is_dir() else []
     if not entries:
         return _Output(path, "create", None)
-    if MANIFEST_NAME not in entries and INCOMPLETE_MARKER not in entries:
-        raise ConfigError(
-            f"--out {path} is not empty and holds no kdpipe cache; choose an empty or new folder"
-        )
+    names = [p.name for p in entries]
+    if MANIFEST_NAME not in names and INCOMPLETE_MARKER not in names:
+        if all(is_own_temp(p) for p in entries):
+            # A dump stopped before its marker was in place: only kdpipe's temp files, no work to keep.
+            return _Output(path, "overwrite", None)
+        raise ConfigError(f"--out {path} is not empty and holds no kdpipe cache; choose an empty or new folder")
     if cfg.overwrite:
+        foreign = foreign_entries(path)
+        if foreign:
+            raise ConfigError(f"--overwrite refused: --out {path} holds {foreign[0]!r}, which kdpipe did not write; "
+                              "nothing was deleted — move it out of the cache folder or choose another --out")
         return _Output(path, "overwrite", None)
     try:
         stored = read_identity(path)
@@ -162,13 +173,14 @@ def _setup_examples(cfg: DumpConfig, tok: Any, info: _ModelInfo, max_length: int
     rcfg = RecipeConfig(
         task=cfg.task, max_length=max_length, text_field=cfg.text_field, label_field=cfg.label_field,
         response_field=cfg.response_field, fallback_field=cfg.fallback_field, template=cfg.template,
-        chat_template=cfg.chat_template, pack=cfg.pack, teacher_generates=cfg.teacher_generates,
-    ).resolved()
+        chat_template=cfg.chat_template, pack=cfg.pack, teacher_generates=cfg.teacher_generates, bos=cfg.bos,
+        stride=cfg.stride,
+    )
     label2id = {v: k for k, v in info.id2label.items()} if info.id2label else None
     result = build_examples(ds, tok, rcfg, label2id)
     if not result.examples:
         raise DatasetError(f"dataset {ds.source} gave no rows to distill; check --text-field and --limit")
-    return ds, result, rcfg
+    return ds, result, rcfg.resolved()
 
 
 def _encoding(cfg: DumpConfig, info: _ModelInfo) -> Any:
@@ -230,7 +242,7 @@ def _teacher_identity(cfg: DumpConfig, info: _ModelInfo) -> dict[str, Any]:
 def _setup_identity(cfg: DumpConfig, tok: Any, info: _ModelInfo, ds: Any, rcfg: RecipeConfig, max_length: int) -> Any:
     from cache_format.identity import tokenizer_fingerprint
 
-    recipe = rcfg.identity()
+    recipe = rcfg.identity(tok)
     recipe["max_length"] = max_length
     # Units fix which rows form a shard and which worker does what: resuming or merging with
     # other values would mix two layouts, so they are compared like the recipe.
@@ -251,7 +263,10 @@ def _setup_identity(cfg: DumpConfig, tok: Any, info: _ModelInfo, ds: Any, rcfg: 
 
 
 def _check_resume(cfg: DumpConfig, out: _Output, identity: Any) -> None:
-    """Refuse to resume into a cache made with other settings, naming the first ones that differ."""
+    """Refuse to resume into a cache made with other settings, naming the first ones that differ; then
+    re-check the finished units' shards and have the writer redo those missing or damaged."""
+    from pipeline.dump.output import repair_units
+
     if out.mode != "resume" or out.previous is None:
         return
     stored = out.previous
@@ -265,11 +280,17 @@ def _check_resume(cfg: DumpConfig, out: _Output, identity: Any) -> None:
             + "; ".join(diffs[:5]) + " — rerun with the same settings to resume, pass --overwrite to replace it, "
             "or choose another --out"
         )
+    for problem in repair_units(out.path, identity):
+        print(f"note: {problem}; its unit is dumped again", file=sys.stderr)
 
 
 def _setup_backend(cfg: DumpConfig, tok: Any, max_length: int) -> Any:
     from pipeline.dump.teachers import TeacherSettings, make_backend
 
+    if cfg.engine == "ray":  # one teacher per Ray actor; each actor calls back here with engine="local"
+        from pipeline.dump.ray_engine import RayTeacherPool
+
+        return RayTeacherPool(cfg, tok, max_length)
     settings = TeacherSettings(
         model=cfg.teacher, backend=cfg.backend, kind="classifier" if cfg.task == "classification" else "causal_lm",
         dtype=cfg.dtype, device=cfg.device, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
@@ -286,23 +307,14 @@ def _setup_backend(cfg: DumpConfig, tok: Any, max_length: int) -> Any:
 # ----------------------------------------------------------------------------- the work loop
 
 
-def _generate_responses(backend: Any, rows: list[Example], cfg: DumpConfig, tok: Any, max_length: int,
-                        counts: dict[str, int]) -> list[Example]:
-    """Sequence-level KD: the teacher answers each prompt greedily; rows become prompt + its answer."""
-    prompts = [ex.input_ids for ex in rows]
-    answers = backend.generate(prompts, min(cfg.max_new_tokens, max_length - 1), tok.eos_token_id)
-    out: list[Example] = []
-    for ex, ans in zip(rows, answers, strict=True):
-        # The answer was written for this exact prompt, so an overlong row loses answer tokens, never prompt ones.
-        room = max_length - len(ex.input_ids)
-        counts["truncated"] += int(len(ans) > room)
-        new, _ = make_prompt_response_example(ex.sample_id, ex.input_ids.tolist(), ans[:room].tolist(), max_length,
-                                              tok.bos_token_id)
-        if new is None:
-            counts["skipped"] += 1
-        else:
-            out.append(new)
-    return out
+def _unit_batches(cfg: DumpConfig, backend: Any, todo: list[int], rows_of: Any, tok: Any, max_length: int,
+                  counts: dict[str, int]) -> Iterator[tuple[int, Any, int]]:
+    """(unit, batches, tokens) of every unit in ``todo``: in order here, as they finish with ``--engine ray``."""
+    if cfg.engine == "ray":
+        yield from backend.unit_batches(todo, rows_of, counts)
+        return
+    for u in todo:
+        yield u, *compute_unit(backend, rows_of(u), cfg, tok, max_length, counts, u)
 
 
 def _progress(cfg: DumpConfig, total: int, initial: int) -> Any:
@@ -329,20 +341,17 @@ def _run_units(cfg: DumpConfig, backend: Any, sinks: list[Sink], examples: list[
     tokens = 0
     handoff_s = 0.0  # caller-side time in writer.write/end_unit: batch checks + queueing (incl. blocked)
     try:
-        for u in todo:
-            s, e = slices[u]
-            rows = examples[s:e]
-            if cfg.teacher_generates:
-                rows = _generate_responses(backend, rows, cfg, tok, max_length, counts)
-            need = [sk for sk in sinks if u not in sk.done]
-            batches = unit_batches(backend, rows, cfg, u, [sk.cfg.encoding for sk in need]) if rows else []
+        for u, batches, n_tokens in _unit_batches(cfg, backend, todo, lambda u: examples[slice(*slices[u])], tok,
+                                                  max_length, counts):
             t0 = time.perf_counter()
-            for i, sk in enumerate(need):
-                if batches:
-                    sk.writer.write(batches[i])
+            for sk, batch in zip(sinks, batches or [None] * len(sinks), strict=True):
+                if u in sk.done:  # this cache has the unit already (its twin did not)
+                    continue
+                if batch is not None:
+                    sk.writer.write(batch)
                 sk.writer.end_unit(u)
             handoff_s += time.perf_counter() - t0
-            tokens += int(sum(len(ex.input_ids) for ex in rows))
+            tokens += n_tokens
             bar.update(unit_tokens(u))
     finally:
         bar.close()
@@ -377,11 +386,6 @@ def _setup_outputs(configs: list[tuple[DumpConfig, str]]) -> list[_Output]:
     return outs
 
 
-def format_summary(s: dict[str, Any]) -> str:
-    """The end-of-dump lines: the ``--out`` cache's, the teacher path, caches written from the same pass."""
-    return format_with_outputs(s, _format_cache_summary(s))
-
-
 def run_dump(cfg: DumpConfig, backend: Any = None) -> dict[str, Any]:
     """Run the dump described by ``cfg``; returns the summary (also printed by the CLI).
 
@@ -407,6 +411,8 @@ def run_dump(cfg: DumpConfig, backend: Any = None) -> dict[str, Any]:
     own_backend = backend is None
     if own_backend:
         backend = _setup_backend(cfg, tok, max_length)
+    elif cfg.engine == "ray":
+        raise ConfigError("--engine ray loads one teacher in each Ray actor; pass no backend to run_dump")
     else:
         check_given_backend(cfg, backend)
     backend.timing = type(backend.timing)()  # this dump's time only

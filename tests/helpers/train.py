@@ -23,6 +23,7 @@ from cache_format import (
     TopKEncoding,
     tokenizer_fingerprint,
 )
+from helpers.cache import identity
 
 
 def one_torch_thread() -> Any:
@@ -38,16 +39,9 @@ def one_torch_thread() -> Any:
 
 
 def identity_for(tokenizer: Any, encoding: Any, vocab_size: int | None = None, task: str = "lm") -> CacheIdentity:
-    vocab = vocab_size or len(tokenizer)
-    return CacheIdentity(
-        teacher={"name": "tiny-teacher", "revision": "test", "dtype": "float32", "backend": "hf",
-                 "backend_version": "0"},
-        tokenizer={"name": "tiny-tok", "vocab_size": len(tokenizer), "model_vocab_size": vocab,
-                   "fingerprint": tokenizer_fingerprint(tokenizer)},
-        recipe={"task": task, "template": None, "max_length": 32, "fields": {"text": "text"}},
-        dataset={"name": "tiny", "config": None, "split": "train", "fingerprint": "x", "num_rows": 0},
-        encoding=encoding,
-    )
+    """The toy identity of ``helpers.cache`` for a real (tiny) tokenizer."""
+    return identity(encoding, len(tokenizer), model_vocab=vocab_size or len(tokenizer), tokenizer_name="tiny-tok",
+                    tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), task=task, max_length=32)
 
 
 def tokenize(tokenizer: Any, texts: list[str], max_len: int) -> list[np.ndarray]:

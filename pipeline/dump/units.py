@@ -1,4 +1,7 @@
-"""The caches one dump writes from one teacher pass, and which teacher path fills them.
+"""One unit's teacher work, the caches one dump writes from that one pass, and which teacher path fills them.
+
+:func:`compute_unit` turns a unit's rows into one writer batch per cache (the local loop and every
+``--engine ray`` actor run it, so both write the same rows).
 
 ``--out`` holds the cache of ``--encoding``; ``--out-sampled`` (beside a top-k ``--out``) adds a
 sampled cache filled from the *same* forward pass per unit. Each folder is a normal cache whose
@@ -16,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.dump.config import DumpConfig
-from pipeline.dump.tasks import Example
+from pipeline.dump.tasks import Example, make_prompt_response_example
 from pipeline.errors import ConfigError
 
 
@@ -73,7 +76,7 @@ def check_given_backend(cfg: DumpConfig, backend: Any) -> None:
                           f"--vllm-capture {path}; load the teacher with that capture")
 
 
-def unit_batches(backend: Any, rows: list[Example], cfg: DumpConfig, unit: int, encodings: list[str]) -> list[Any]:
+def teacher_batches(backend: Any, rows: list[Example], cfg: DumpConfig, unit: int, encodings: list[str]) -> list[Any]:
     """Run the teacher once over one unit's rows; one writer batch per asked encoding (rows in unit order)."""
     from cache_format import ClassLogitsBatch, SampledBatch, TopKBatch
     from pipeline.dump.teachers.base import Want
@@ -93,9 +96,11 @@ def unit_batches(backend: Any, rows: list[Example], cfg: DumpConfig, unit: int, 
             for enc in encodings]
 
 
-def format_with_outputs(s: dict[str, Any], cache_lines: str) -> str:
-    """``cache_lines`` (the ``--out`` cache), then the teacher path and any cache written from the same pass."""
-    lines = [cache_lines]
+def format_summary(s: dict[str, Any]) -> str:
+    """The end-of-dump lines: the ``--out`` cache's (:mod:`.summary`), the teacher path, caches from the same pass."""
+    from pipeline.dump.summary import format_summary as cache_lines
+
+    lines = [cache_lines(s)]
     if s.get("capture"):
         lines.append(f"teacher pass: {s['capture']}")
     for other in s.get("also_written", []):
@@ -103,3 +108,33 @@ def format_with_outputs(s: dict[str, Any], cache_lines: str) -> str:
         lines.append(f"also written from the same pass: {other['out']}  rows {other['rows']}  bytes {other['bytes']}"
                      f" ({'-' if bpp is None else format(bpp, '.1f')} B/position)")
     return "\n".join(lines)
+
+
+def generate_responses(backend: Any, rows: list[Example], cfg: DumpConfig, tok: Any, max_length: int,
+                        counts: dict[str, int]) -> list[Example]:
+    """Sequence-level KD: the teacher answers each prompt greedily; rows become prompt + its answer."""
+    prompts = [ex.input_ids for ex in rows]
+    answers = backend.generate(prompts, min(cfg.max_new_tokens, max_length - 1), tok.eos_token_id)
+    out: list[Example] = []
+    for ex, ans in zip(rows, answers, strict=True):
+        # The answer was written for this exact prompt, so an overlong row loses answer tokens, never prompt ones.
+        room = max_length - len(ex.input_ids)
+        counts["truncated"] += int(len(ans) > room)
+        new, _ = make_prompt_response_example(ex.sample_id, ex.input_ids.tolist(), ans[:room].tolist(), max_length,
+                                              tok.bos_token_id)
+        if new is None:
+            counts["skipped"] += 1
+        else:
+            out.append(new)
+    return out
+
+
+def compute_unit(backend: Any, rows: list[Example], cfg: DumpConfig, tok: Any, max_length: int,
+                 counts: dict[str, int], unit: int) -> tuple[list[Any] | None, int]:
+    """One unit's writer batches, one per cache of :func:`sink_configs` (None when no row is left), and its
+    token count; run by the local loop and by each ``--engine ray`` actor, so both write the same rows."""
+    if cfg.teacher_generates:
+        rows = generate_responses(backend, rows, cfg, tok, max_length, counts)
+    encodings = [c.encoding for c, _ in sink_configs(cfg)]
+    batches = teacher_batches(backend, rows, cfg, unit, encodings) if rows else None
+    return batches, int(sum(len(ex.input_ids) for ex in rows))
