@@ -26,8 +26,8 @@ position ``t``, the last one included. kdpipe then applies the teacher's own hea
 checkpoint (:func:`.head.load_output_head`), in chunks on the device vLLM runs on, through the
 same batching and chunking code as the HF backend, so the two give the same log-probs and, for
 the same seed, the same draws. Classifiers (``kind="classifier"``) use the pooling runner's
-``classify`` task with ``use_activation=False``: the raw class logits of the last position
-(vLLM does not pad, so that is the row's last token).
+``classify`` task with ``use_activation=False``: the raw class logits of the last position, after
+trailing pad ids are cut (:func:`cut_trailing_pad`), i.e. the token HF's classifiers score.
 
 The pooling runner cannot generate: ``--teacher-generates`` needs the logprobs path.
 
@@ -103,6 +103,12 @@ def _flat_arrays(flat: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndar
         np.asarray(flat.token_ids, dtype=np.int32),
         np.asarray(flat.logprobs, dtype=np.float32),
     )
+
+
+def cut_trailing_pad(seq: np.ndarray, pad: int) -> np.ndarray:
+    """``seq`` up to its last token that is not ``pad`` (just the first token when all are ``pad``)."""
+    keep = np.flatnonzero(seq != pad)
+    return seq[: keep[-1] + 1] if keep.size else seq[:1]
 
 
 def request_topk(output: Any, seq_len: int, positions: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -285,6 +291,14 @@ class VLLMTeacher(TeacherBackend):
             raise BackendError("class logits need the teacher loaded as a classifier (--task classification)")
         if not seqs:
             return np.zeros((0, self.num_labels), np.float32)
+        # HF classifiers score the last token that is not the pad id (rows whose tokenizer appends
+        # EOS == pad end in it); vLLM scores the last token. Trailing pads cut here give HF's choice,
+        # as a causal model's state at that token does not see the tokens after it.
+        hf_cfg = self.llm.llm_engine.model_config.hf_config
+        pad = getattr(hf_cfg, "pad_token_id", None)
+        pad = self.settings.extra.get("pad_token_id") if pad is None else pad
+        if pad is not None:
+            seqs = [cut_trailing_pad(s, int(pad)) for s in seqs]
         t0 = time.perf_counter()
         logits = self._encode(seqs, "classify")
         t1 = time.perf_counter()

@@ -20,6 +20,7 @@ import torch
 from pipeline.dump.teachers import TeacherSettings, make_backend
 from pipeline.dump.teachers.base import Want
 from pipeline.dump.teachers.head import load_output_head, postprocessed
+from pipeline.dump.teachers.vllm import cut_trailing_pad
 from pipeline.errors import KdpipeError
 
 
@@ -193,9 +194,12 @@ def test_vllm_class_logits_equal_hf(vllm_classifier: Any, tiny_classifier_dir: P
     hf = make_backend(TeacherSettings(model=str(tiny_classifier_dir), kind="classifier", device="cpu", batch_size=3,
                                       extra={"pad_token_id": tiny_tokenizer.pad_token_id}))
     seqs = _seqs(hf.vocab_size, [4, 9, 6, 2, 30], seed=4)
+    pad = tiny_tokenizer.pad_token_id
+    seqs[1] = np.concatenate([seqs[1], [pad, pad]]).astype(np.int32)  # HF scores the last token that is not pad
     logits = vllm_classifier.class_logits(seqs)
     assert logits.shape == (5, 2) and logits.dtype == np.float32
     np.testing.assert_allclose(logits, hf.class_logits(seqs), atol=1e-4)
+    assert cut_trailing_pad(np.array([pad, pad]), pad).tolist() == [pad]
     with pytest.raises(KdpipeError, match="classifier"):
         vllm_classifier.topk(seqs, [np.arange(3, dtype=np.int32)] * 5, 4)
 
