@@ -5,6 +5,10 @@ Two pins per shard: ``content`` (sha256 of the decoded Arrow table: schema, meta
 must always match; ``file`` (the shard's sha256 as the manifest records it) is checked when the
 pyarrow major version equals the one that produced the pin, since zstd output may change with the
 compression library even when the format does not.
+
+Caches of format 1.0 stay readable: ``helpers.golden10`` writes the exact 1.0 caches (codes,
+metadata and, with pyarrow 26, file bytes) from literals, and the tests below open, decode and
+verify them with today's reader.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from cache_format import (
     verify_cache,
 )
 from helpers.cache import identity
+from helpers.golden10 import GOLDEN_10, write_golden_10
 
 PINNED_PYARROW_MAJOR = 26
 
@@ -58,6 +63,16 @@ def golden_class() -> tuple[object, ClassLogitsBatch]:
 
 
 PINS = {
+    "topk": {"content": "7222959e68f66425d65dabfacf9c23a0c60578fd8d457485c47c60784ebf74c1",
+             "file": "ab422c0118ea83cb80256e39db6a0f325206745ff3e0a273a7cfe02c82be7634"},
+    "sampled": {"content": "42a1d2c285c8bedc49317a187f0f56234c5eaed60e6c42d662ec7f7d54f33d7e",
+                "file": "2ee964d3dfadac0bbad3295775ac035eddcdfddc1a983fa2a77d0ab443bea289"},
+    "class_logits": {"content": "48d32d9bc1f8f9056cd17adacc83cdad9e18be71ba14fa41ada5d12e020c2efa",
+                     "file": "177279327ab2fa7801f5b18353f0ea9a2e1eccc310b18de330b7c528953d86df"},
+}
+BUILDERS = {"topk": golden_topk, "sampled": golden_sampled, "class_logits": golden_class}
+# What kdpipe's 1.0 writer produced for the same builders (helpers.golden10 rewrites it from literals).
+PINS_10 = {
     "topk": {"content": "d433300866aec039f193f4aa6d6b28d5481e4f646a4e1ed9ae738b60d8f6fd27",
              "file": "e348f44b0332896314c82406d504b02bc8328b310cb1981b26406ccefb470777"},
     "sampled": {"content": "42a1d2c285c8bedc49317a187f0f56234c5eaed60e6c42d662ec7f7d54f33d7e",
@@ -65,7 +80,6 @@ PINS = {
     "class_logits": {"content": "48d32d9bc1f8f9056cd17adacc83cdad9e18be71ba14fa41ada5d12e020c2efa",
                      "file": "177279327ab2fa7801f5b18353f0ea9a2e1eccc310b18de330b7c528953d86df"},
 }
-BUILDERS = {"topk": golden_topk, "sampled": golden_sampled, "class_logits": golden_class}
 
 
 def content_hash(path: Path) -> str:
@@ -102,9 +116,44 @@ def test_golden_topk_decodes_to_pinned_values(tmp_path: Path) -> None:
     r = rows[2]
     assert r.label == 1
     np.testing.assert_array_equal(r.ids, batch.ids)
-    # Worked by hand from SPEC §3.1: p = (.5, .2, .1, .05), tail .15 -> q = (6, 13, 18, 24);
-    # M = sum(exp(-q/8)) = 0.824469; ln(M + .15) = -0.025862 -> norm_code = ceil(-847.45) = -847;
-    # logprob = -q/8 + 847/32768; tail' = 1 - exp(-847/32768) * M = 0.153947 -> tail_code 3832.
+    # Worked by hand from SPEC §3.1 (writer rule 1.1): p = (.5, .2, .1, .05), tail .15 -> q = (6, 13, 18, 24);
+    # M = sum(exp(-q/8)) = 0.824465; (ln M - ln(1 - .15)) * 32768 = -999.50 -> norm_code -999 (nearest;
+    # the tail stays >= 0 down to ceil(ln M * 32768) = -6324); logprob = -q/8 + 999/32768;
+    # tail' = 1 - exp(-999/32768) * M = 0.150013 (the exact tail, up to the grid) -> tail_code 3885.
+    np.testing.assert_allclose(r.logprobs[0], [-0.719513, -1.594513, -2.219513, -2.969513], atol=1e-6)
+    np.testing.assert_allclose(r.tail[0], np.exp(-3885 / 2048), rtol=1e-6)
+    total = np.exp(r.logprobs.astype(np.float64)).sum(1) + r.tail
+    assert np.all(np.abs(total - 1.0) <= 2.5e-4 * r.tail + 1e-5)
+
+
+@pytest.mark.parametrize("kind", sorted(GOLDEN_10))
+def test_golden_10_cache_reads_and_verifies(kind: str, tmp_path: Path) -> None:
+    """A cache written in format 1.0 opens, decodes, verifies, and keeps its 1.0 identity fingerprint."""
+    root = write_golden_10(tmp_path / kind, kind)
+    manifest = json.loads((root / "manifest.json").read_text())
+    shard = root / manifest["shards"][0]["name"]
+    assert content_hash(shard) == PINS_10[kind]["content"], f"{kind}: the 1.0 fixture no longer holds the 1.0 bytes"
+    if int(pa.__version__.split(".")[0]) == PINNED_PYARROW_MAJOR:
+        assert manifest["shards"][0]["sha256"] == PINS_10[kind]["file"]
+    assert verify_cache(root)["rows"] == len(GOLDEN_10[kind][3])
+    reader = open_cache(root)
+    assert reader.manifest.format_version == "1.0"
+    # A 1.0 cache keeps its 1.0 fingerprint: recomputed by the 1.0 rule (SPEC appendix A), it matches.
+    assert reader.identity.fingerprint("1.0") == manifest["identity_fingerprint"]
+    assert reader.identity.fingerprint("1.1") != manifest["identity_fingerprint"]
+    ident, batch = BUILDERS[kind]()
+    assert reader.identity.comparable() == ident.comparable()  # type: ignore[attr-defined]
+    rows = list(reader.iter_rows())
+    assert [r.sample_id for r in rows] == list(batch.sample_ids)  # type: ignore[attr-defined]
+
+
+def test_golden_10_topk_decodes_to_pinned_values(tmp_path: Path) -> None:
+    rows = list(open_cache(write_golden_10(tmp_path / "g", "topk")).iter_rows())
+    r = rows[2]
+    np.testing.assert_array_equal(r.ids, golden_topk()[1].ids)
+    # Worked by hand from SPEC §3.1 (writer rule 1.0): M = 0.824465; ln(M + .15) = -0.025862 ->
+    # norm_code = ceil(-847.45) = -847; tail' = 1 - exp(-847/32768) * M = 0.153947 -> tail_code 3832.
     np.testing.assert_allclose(r.logprobs[0], [-0.724152, -1.599152, -2.224152, -2.974152], atol=1e-6)
     np.testing.assert_allclose(r.tail[0], np.exp(-3832 / 2048), rtol=1e-6)
-    np.testing.assert_allclose(np.exp(r.logprobs.astype(np.float64)).sum(1) + r.tail, 1.0, atol=2.5e-4)
+    total = np.exp(r.logprobs.astype(np.float64)).sum(1) + r.tail
+    assert np.all(np.abs(total - 1.0) <= 2.5e-4 * r.tail + 1e-5)
