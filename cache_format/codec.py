@@ -78,7 +78,7 @@ def check_finite(x: np.ndarray, locate: Locate, field: str) -> None:
 
 
 # Per-position log-normaliser code: int16 in units of 2^-15 nats (range ±1 nat, enough for
-# |ln Z| <= value_step/2 <= 0.5); its rounding error ends up in the tail bucket, so it must be fine.
+# |ln(M / (1 - tail))| <= value_step/2 <= 0.5); its rounding error ends up in the tail bucket, so it must be fine.
 NORM_SCALE = 32768.0
 NORM_CODE_MAX = 32767
 
