@@ -144,6 +144,16 @@ def _quantize(logprobs: np.ndarray, value_step: float) -> np.ndarray:
     return q.astype(np.uint8)
 
 
+@dataclass
+class QuantizedTopK:
+    """The checked, quantized top-k of a block of positions, before any id/value layout (SPEC §3.1)."""
+
+    ids: np.ndarray  # [n, k], entries ordered by log-prob descending
+    q: np.ndarray  # uint8 [n, k]: round(-logprob / value_step), clamped to [0, 255]
+    tail_code: np.ndarray  # uint16 [n]
+    norm_code: np.ndarray  # int16 [n]
+
+
 def encode_topk(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray | None, *, value_step: float,
                 id_limit: int, locate: Locate, row_lengths: np.ndarray | None = None) -> EncodedTopK:
     """Encode ``[n, k]`` ids/log-probs (sorted descending here if needed) and the tail into v1 streams.
@@ -151,6 +161,16 @@ def encode_topk(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray | None, 
     ``row_lengths`` are the rows' position counts (the value deltas restart at each row so a row
     decodes on its own); default: one row.
     """
+    t = quantize_topk(ids, logprobs, tail, value_step=value_step, id_limit=id_limit, locate=locate)
+    n, k = t.q.shape
+    lengths = np.array([n], np.int64) if row_lengths is None else np.asarray(row_lengths, np.int64)
+    return EncodedTopK(values=row_delta(t.q, lengths * k), id_planes=split_planes(t.ids, id_bytes_for(id_limit)),
+                       tail_code=t.tail_code, norm_code=t.norm_code)
+
+
+def quantize_topk(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray | None, *, value_step: float,
+                  id_limit: int, locate: Locate) -> QuantizedTopK:
+    """Check ``[n, k]`` ids/log-probs and the tail, sort entries descending, quantize, and code norm and tail."""
     n, k = logprobs.shape
     logprobs = np.asarray(logprobs, dtype=np.float32)
     check_finite(logprobs, locate, "logprobs")
@@ -188,9 +208,7 @@ def encode_topk(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray | None, 
     log_z = np.log(mass + tail_v) if n else np.zeros(0)
     norm_code = np.clip(np.ceil(log_z * NORM_SCALE), -32767, 32767).astype(np.int16)
     tail_dec = np.clip(1.0 - np.exp(-norm_code / NORM_SCALE) * mass, 0.0, 1.0)
-    lengths = np.array([n], np.int64) if row_lengths is None else np.asarray(row_lengths, np.int64)
-    return EncodedTopK(values=row_delta(q, lengths * k), id_planes=split_planes(ids, id_bytes_for(id_limit)),
-                       tail_code=encode_tail(tail_dec), norm_code=norm_code)
+    return QuantizedTopK(ids=ids, q=q, tail_code=encode_tail(tail_dec), norm_code=norm_code)
 
 
 def decode_topk(values: np.ndarray, id_planes: list[np.ndarray], tail_code: np.ndarray, norm_code: np.ndarray, *,

@@ -15,7 +15,14 @@ from typing import Any
 
 from cache_format.errors import ManifestError, ManifestTooLargeError, UnsafePathError, UnsupportedVersionError
 from cache_format.identity import CacheIdentity
-from cache_format.shard import FORMAT_MAJOR, FORMAT_NAME, FORMAT_VERSION, shard_encoding
+from cache_format.shard import (
+    FORMAT_MAJOR,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    check_encoding_version,
+    format_version,
+    shard_encoding,
+)
 
 MANIFEST_NAME = "manifest.json"
 # Written at creation, removed by finalize(): marks an unfinished cache and holds its identity.
@@ -107,7 +114,7 @@ def build_manifest(identity: CacheIdentity, shard_encoding: dict[str, Any], shar
     shards = sorted(shards, key=lambda s: (s.unit, s.part))
     return {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version(shard_encoding),
         "created_at": created_at or now_iso(),
         "producer": PRODUCER,
         "identity": identity.to_dict(),
@@ -205,6 +212,7 @@ def validate_manifest(d: Any, source: str) -> Manifest:
     if not isinstance(enc, dict) or any(enc.get(key) != value for key, value in expected.items()):
         raise ManifestError(f"{source}: shard_encoding {enc!r} does not match the identity (expected {expected}); "
                             "the manifest was edited or is corrupt")
+    check_encoding_version(enc, f"{source}: shard_encoding")
     raw_shards = d.get("shards")
     if not isinstance(raw_shards, list):
         raise ManifestError(f"{source}: field 'shards' must be a list")

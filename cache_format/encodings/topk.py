@@ -20,6 +20,7 @@ from cache_format.encodings.base import (
     list_array,
     plane_fields,
 )
+from cache_format.encodings.idset import decode_set_rows, encode_set_columns, id_coding_of, set_fields
 from cache_format.errors import EncodingError, InvariantError
 from cache_format.rows import DecodedRow, RowBlock, make_locator
 
@@ -74,6 +75,8 @@ class TopKFormat(EncodingFormat):
     batch_type = TopKBatch
 
     def fields(self, enc: dict[str, Any]) -> list[pa.Field]:
+        if id_coding_of(enc) == "set":  # format 1.1 (SPEC §3.1.1)
+            return set_fields(int(enc.get("id_bytes", 0)))
         return [pa.field("topk_values", LIST_U8, nullable=False), *plane_fields("topk_id", int(enc.get("id_bytes", 0))),
                 pa.field("tail_code", pa.list_(pa.uint16()), nullable=False),
                 pa.field("norm_code", pa.list_(pa.int16()), nullable=False)]
@@ -93,6 +96,8 @@ class TopKFormat(EncodingFormat):
         return payload
 
     def encode(self, block: RowBlock, enc: dict[str, Any], id_limit: int) -> dict[str, pa.Array]:
+        if id_coding_of(enc) == "set":
+            return encode_set_columns(block, enc, id_limit)
         n_pos, k = block.positions_per_row(), enc["k"]
         e = codec.encode_topk(block.payload["ids"], block.payload["logprobs"], block.payload.get("tail"),
                               value_step=enc["value_step"], id_limit=id_limit,
@@ -105,6 +110,8 @@ class TopKFormat(EncodingFormat):
         return cols
 
     def decode(self, cols: ShardColumns, enc: dict[str, Any], pos_offsets: np.ndarray) -> list[dict[str, Any]]:
+        if id_coding_of(enc) == "set":
+            return decode_set_rows(cols, enc, pos_offsets)
         n_pos, k = np.diff(pos_offsets), int(enc["k"])
         values, v_off = cols.lists("topk_values", n_pos * k)
         planes = cols.planes("topk_id", int(enc.get("id_bytes", 0)), n_pos * k)

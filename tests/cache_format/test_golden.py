@@ -1,6 +1,9 @@
 """Golden caches: fixed contents, pinned hashes. A failure here means the bytes a writer produces
 changed: that is a format change, which needs a version bump in SPEC.md and new pins.
 
+``topk`` is pinned twice: written with ``id_coding="planes"`` it is a format 1.0 cache whose pins
+predate 1.1 (so 1.0 bytes are unchanged), and ``topk-set`` is the 1.1 default.
+
 Two pins per shard: ``content`` (sha256 of the decoded Arrow table: schema, metadata, every value)
 must always match; ``file`` (the shard's sha256 as the manifest records it) is checked when the
 pyarrow major version equals the one that produced the pin, since zstd output may change with the
@@ -58,6 +61,8 @@ def golden_class() -> tuple[object, ClassLogitsBatch]:
 
 
 PINS = {
+    "topk-set": {"content": "6e74910ba54522494e3de089b374228327ed0be06c5dfaa605ed1150f659ffed",
+                 "file": "1d9149d58ba1085486d366ad060ae99aaf246fec33cf4d899c9d2e7560890d47"},
     "topk": {"content": "d433300866aec039f193f4aa6d6b28d5481e4f646a4e1ed9ae738b60d8f6fd27",
              "file": "e348f44b0332896314c82406d504b02bc8328b310cb1981b26406ccefb470777"},
     "sampled": {"content": "42a1d2c285c8bedc49317a187f0f56234c5eaed60e6c42d662ec7f7d54f33d7e",
@@ -65,7 +70,10 @@ PINS = {
     "class_logits": {"content": "48d32d9bc1f8f9056cd17adacc83cdad9e18be71ba14fa41ada5d12e020c2efa",
                      "file": "177279327ab2fa7801f5b18353f0ea9a2e1eccc310b18de330b7c528953d86df"},
 }
-BUILDERS = {"topk": golden_topk, "sampled": golden_sampled, "class_logits": golden_class}
+BUILDERS = {"topk": golden_topk, "topk-set": golden_topk, "sampled": golden_sampled, "class_logits": golden_class}
+# The 1.0 pins are kept by writing their topk cache with the 1.0 id coding; everything else uses the defaults.
+WRITER_OPTIONS = {"topk": {"id_coding": "planes"}}
+VERSIONS = {"topk-set": "1.1"}
 
 
 def content_hash(path: Path) -> str:
@@ -79,11 +87,12 @@ def content_hash(path: Path) -> str:
 @pytest.mark.parametrize("kind", sorted(BUILDERS))
 def test_golden_cache_bytes_are_pinned(kind: str, tmp_path: Path) -> None:
     ident, batch = BUILDERS[kind]()
-    with CacheWriter(tmp_path / kind, ident) as w:  # type: ignore[arg-type]
+    with CacheWriter(tmp_path / kind, ident, **WRITER_OPTIONS.get(kind, {})) as w:  # type: ignore[arg-type]
         w.write(batch)
         w.end_unit(0)
         manifest = w.finalize()
     verify_cache(tmp_path / kind)
+    assert manifest["format_version"] == VERSIONS.get(kind, "1.0")
     assert len(manifest["shards"]) == 1
     shard = tmp_path / kind / manifest["shards"][0]["name"]
     got = {"content": content_hash(shard), "file": manifest["shards"][0]["sha256"]}
@@ -92,9 +101,10 @@ def test_golden_cache_bytes_are_pinned(kind: str, tmp_path: Path) -> None:
         assert got["file"] == PINS[kind]["file"], f"{kind}: shard bytes changed: {got}"
 
 
-def test_golden_topk_decodes_to_pinned_values(tmp_path: Path) -> None:
+@pytest.mark.parametrize("id_coding", ["planes", "set"])
+def test_golden_topk_decodes_to_pinned_values(tmp_path: Path, id_coding: str) -> None:
     ident, batch = golden_topk()
-    with CacheWriter(tmp_path / "g", ident) as w:  # type: ignore[arg-type]
+    with CacheWriter(tmp_path / "g", ident, id_coding=id_coding) as w:  # type: ignore[arg-type]
         w.write(batch)
         w.finalize()
     rows = list(open_cache(tmp_path / "g").iter_rows())
@@ -108,3 +118,31 @@ def test_golden_topk_decodes_to_pinned_values(tmp_path: Path) -> None:
     np.testing.assert_allclose(r.logprobs[0], [-0.724152, -1.599152, -2.224152, -2.974152], atol=1e-6)
     np.testing.assert_allclose(r.tail[0], np.exp(-3832 / 2048), rtol=1e-6)
     np.testing.assert_allclose(np.exp(r.logprobs.astype(np.float64)).sum(1) + r.tail, 1.0, atol=2.5e-4)
+
+
+def test_planes_and_set_decode_alike_up_to_ties(tmp_path: Path) -> None:
+    """The tie rule of SPEC §3.1.1: same log-prob sequence and tail; ids differ only inside a run of equal
+    quantized values, where 1.0 keeps the teacher's order and 1.1 ascending rank (here: the set order)."""
+    rng = np.random.default_rng(3)
+    n, k = 40, 16
+    ids = np.stack([rng.choice(300, k, replace=False) for _ in range(n)]).astype(np.int32)
+    lp = np.sort(np.log(rng.dirichlet(np.full(k, 0.5), n) * 0.95), axis=1)[:, ::-1]
+    lp[:, 4:9] = lp[:, 4:5]  # a run of exact ties in every position
+    batch = TopKBatch(sample_ids=["r0", "r1"], input_ids=[np.arange(21, dtype=np.int32)] * 2,
+                      positions=[np.arange(20, dtype=np.int32)] * 2, ids=ids, logprobs=lp.astype(np.float32))
+    decoded = {}
+    for coding in ("planes", "set"):
+        with CacheWriter(tmp_path / coding, identity(TopKEncoding(k=k), vocab=300), id_coding=coding) as w:
+            w.write(batch)
+            w.finalize()
+        rows = list(open_cache(tmp_path / coding).iter_rows())
+        decoded[coding] = [np.concatenate([getattr(r, f) for r in rows]) for f in ("ids", "logprobs", "tail")]
+    (ids_p, lp_p, tail_p), (ids_s, lp_s, tail_s) = decoded["planes"], decoded["set"]
+    np.testing.assert_array_equal(lp_p, lp_s)
+    np.testing.assert_array_equal(tail_p, tail_s)
+    np.testing.assert_array_equal(ids_p, batch.ids)  # 1.0: the teacher's order, ties included
+    run = np.concatenate([np.zeros((n, 1), np.int64), np.cumsum(lp_s[:, 1:] != lp_s[:, :-1], axis=1)], axis=1)
+    for t in range(n):  # per run of equal values: the same ids; 1.1 lists them by rank
+        for r in np.unique(run[t]):
+            assert sorted(ids_p[t][run[t] == r]) == sorted(ids_s[t][run[t] == r])
+    assert (ids_p != ids_s).any(), "the test data must contain reordered ties"
