@@ -23,6 +23,7 @@ from cache_format.rows import RowBlock, make_locator
 
 # "planes": the 1.0 layout (also meant when a shard encoding has no id_coding); "set": this module.
 ID_CODINGS = ("planes", "set")
+# Why "set" for new caches: 23% fewer bytes on SmolLM2 at the same KL (SPEC §3.1.1, measurements).
 DEFAULT_ID_CODING = "set"
 # A gap byte of 255 means "gap >= 255; gap - 255 is the row's next exception".
 ESCAPE = 255
@@ -30,6 +31,7 @@ TABLE = "topk_id_table"
 GAP = "topk_set_gap"
 QMAX = "topk_qmax"
 QOFF = "topk_qoff"
+TOP = "topk_top"
 # Below this many distinct-id slots per stored id, id -> rank goes through a dense lookup array;
 # above it (huge vocabularies, few positions) through a sort, so memory follows the data, not the vocab.
 _DENSE_SLOTS_PER_ID = 8
@@ -63,6 +65,7 @@ class SetStreams:
     escapes: np.ndarray  # int64 [e]: flat entry index of each escape (for the per-row exception counts)
     qmax: np.ndarray  # uint8 [n]: the largest q of each position
     qoff: np.ndarray  # uint8 [n*k]: qmax - q, set order
+    top: np.ndarray  # uint16 [n]: where the most probable entry sits in the run of smallest q (rank order)
 
 
 def build_rank_table(ids: np.ndarray) -> np.ndarray:
@@ -110,14 +113,18 @@ def join_planes(planes: list[np.ndarray]) -> np.ndarray:
 
 
 def encode_set(ids: np.ndarray, q: np.ndarray, id_bytes: int) -> SetStreams:
-    """Set-code ``ids`` int [n, k] with their quantized values ``q`` uint8 [n, k] (any entry order).
+    """Set-code ``ids`` int [n, k] with their quantized values ``q`` uint8 [n, k].
 
-    Raises SetCodingError (column ``ids``) when an id repeats within a position.
+    Any entry order; the teacher's most probable entry is the first one with the smallest q
+    (entry 0 when the entries come sorted by log-prob). Raises SetCodingError (column ``ids``)
+    when an id repeats within a position.
     """
     n = len(ids)
     table = build_rank_table(ids)
     wide = np.int64 if len(table) >= 1 << 23 else np.int32  # rank << 8 must fit
-    key = (rank_lookup(ids, table).astype(wide) << 8) | q.astype(wide)
+    ranks_in = rank_lookup(ids, table).astype(wide)
+    top = _top_in_run(ranks_in, q)
+    key = (ranks_in << 8) | q.astype(wide)
     key.sort(axis=1)
     ranks = key >> 8
     qs = (key & 255).astype(np.uint8)
@@ -134,7 +141,21 @@ def encode_set(ids: np.ndarray, q: np.ndarray, id_bytes: int) -> SetStreams:
     qmax = qs.max(axis=1) if n else np.zeros(0, np.uint8)
     return SetStreams(table=table, gap=np.minimum(g, ESCAPE).astype(np.uint8),
                       gap_x=split_planes(g[escapes] - ESCAPE, id_bytes), escapes=escapes, qmax=qmax,
-                      qoff=(qmax[:, None] - qs).reshape(-1))
+                      qoff=(qmax[:, None] - qs).reshape(-1), top=top)
+
+
+def _top_in_run(ranks: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Per position, how many entries of the smallest q have a lower rank than the most probable one.
+
+    The decoded order puts equal q in rank order; this index brings the teacher's top-1 back to the
+    front, so entry 0 stays the teacher's argmax as in 1.0 (5% of SmolLM2's positions tie at the top).
+    """
+    if not q.size:
+        return np.zeros(len(q), np.uint16)
+    first = np.argmin(q, axis=1)  # the first entry of the smallest q
+    rows = np.arange(len(q))
+    in_run = q == q[rows, first][:, None]
+    return (in_run & (ranks < ranks[rows, first][:, None])).sum(axis=1).astype(np.uint16)
 
 
 def pack_table(table: np.ndarray, id_bytes: int) -> bytes:
@@ -146,6 +167,8 @@ def pack_table(table: np.ndarray, id_bytes: int) -> bytes:
 
 def unpack_table(raw: np.ndarray, id_bytes: int) -> np.ndarray:
     """Inverse of :func:`pack_table`; rejects a table that is not a whole number of planes or repeats an id."""
+    if id_bytes not in (2, 3, 4):
+        raise SetCodingError(TABLE, -1, f"cannot be read with id_bytes={id_bytes!r} (the encoding allows 2, 3 or 4)")
     if raw.size % id_bytes:
         raise SetCodingError(TABLE, -1, f"{raw.size} bytes is not a whole number of {id_bytes} byte planes")
     m = raw.size // id_bytes
@@ -162,24 +185,23 @@ def unpack_table(raw: np.ndarray, id_bytes: int) -> np.ndarray:
     return table.astype(np.int32)
 
 
-def decode_set(table: np.ndarray, gap: np.ndarray, gap_x: list[np.ndarray], qmax: np.ndarray, qoff: np.ndarray,
-               k: int, escapes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """ids int32 [n, k] and q uint8 [n, k] in 1.0 order (q ascending; equal q by ascending rank).
+def decode_set(s: SetStreams, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """ids int32 [n, k] and q uint8 [n, k] in the spec's order (q ascending; equal q by ascending rank,
+    except that ``top`` brings the teacher's most probable entry to the front).
 
-    The streams must have n*k gap/qoff bytes and one exception per 255 byte (the caller checks
-    per-row lengths); a rank past the table or a qoff above qmax raises SetCodingError.
-    ``escapes``: ``flatnonzero(gap == 255)`` if the caller has it already.
+    ``s.escapes`` is ``flatnonzero(s.gap == 255)``; the caller checks per-row lengths. A rank past
+    the table, a qoff above qmax or a ``top`` beyond its run raises SetCodingError.
     """
-    n, m = len(qmax), len(table)
-    if gap.size != n * k or qoff.size != n * k:
-        raise SetCodingError(GAP, -1, f"has {gap.size} gaps and {qoff.size} offsets for {n} positions of k={k}")
-    esc = np.flatnonzero(gap == ESCAPE) if escapes is None else escapes
-    if any(len(p) != esc.size for p in gap_x):
-        raise SetCodingError(f"{GAP}_x0", -1, f"holds {len(gap_x[0])} exceptions for {esc.size} escape bytes")
+    table, gap, esc, n, m = s.table, s.gap, s.escapes, len(s.qmax), len(s.table)
+    if gap.size != n * k or s.qoff.size != n * k or s.top.size != n:
+        raise SetCodingError(GAP, -1, f"has {gap.size} gaps, {s.qoff.size} offsets and {s.top.size} top indices "
+                             f"for {n} positions of k={k}")
+    if any(len(p) != esc.size for p in s.gap_x):
+        raise SetCodingError(f"{GAP}_x0", -1, f"holds {len(s.gap_x[0])} exceptions for {esc.size} escape bytes")
     wide = np.int32 if k * (m + 1) < 1 << 31 else np.int64  # the running rank stays below k·m once gaps < m
     g = gap.astype(wide)
     if esc.size:
-        x = join_planes(gap_x)
+        x = join_planes(s.gap_x)
         if int(x.max()) >= m - ESCAPE:
             pos = int(esc[np.flatnonzero(x >= m - ESCAPE)[0]]) // k
             raise SetCodingError(f"{GAP}_x0", pos, f"an escaped rank gap walks past the {m}-id rank table")
@@ -193,15 +215,32 @@ def decode_set(table: np.ndarray, gap: np.ndarray, gap_x: list[np.ndarray], qmax
     g -= 1
     if n and int(g[:, -1].max()) >= m:
         raise SetCodingError(GAP, int(np.flatnonzero(g[:, -1] >= m)[0]), f"the ranks walk past the {m}-id rank table")
-    qo = qoff.reshape(n, k)
-    if n and (qo.max(axis=1) > qmax).any():
-        raise SetCodingError(QOFF, int(np.flatnonzero(qo.max(axis=1) > qmax)[0]), "an offset exceeds topk_qmax")
-    # One sort restores the order: the key is (q, rank), and ranks ascend within a position.
+    qo = s.qoff.reshape(n, k)
+    if n and (qo.max(axis=1) > s.qmax).any():
+        raise SetCodingError(QOFF, int(np.flatnonzero(qo.max(axis=1) > s.qmax)[0]), "an offset exceeds topk_qmax")
+    # One sort gives the order: the key is (q, rank), and ranks ascend within a position.
     rank_bits = 24 if m <= 1 << 24 else 32
-    key = (qmax[:, None] - qo).astype(np.uint32 if rank_bits == 24 else np.uint64) << rank_bits
+    key = (s.qmax[:, None] - qo).astype(np.uint32 if rank_bits == 24 else np.uint64) << rank_bits
     key |= g.astype(key.dtype, copy=False)
     key.sort(axis=1)
-    return table[key & ((1 << rank_bits) - 1)], (key >> rank_bits).astype(np.uint8)
+    ids, q = table[key & ((1 << rank_bits) - 1)], (key >> rank_bits).astype(np.uint8)
+    return _top_first(ids, q, s.top), q
+
+
+def _top_first(ids: np.ndarray, q: np.ndarray, top: np.ndarray) -> np.ndarray:
+    """Move entry ``top[t]`` of each position's leading run of equal q to the front (only ids move)."""
+    rows = np.flatnonzero(top)
+    if not rows.size:
+        return ids
+    r = top[rows].astype(np.int64)[:, None]
+    run = (q[rows] == q[rows, :1]).sum(axis=1)
+    if (r[:, 0] >= run).any():
+        i = int(np.flatnonzero(r[:, 0] >= run)[0])
+        raise SetCodingError(TOP, int(rows[i]), f"index {int(r[i, 0])} is not below the number of entries tied "
+                             f"at the top ({int(run[i])})")
+    j = np.arange(ids.shape[1])[None, :]
+    ids[rows] = np.take_along_axis(ids[rows], np.where(j == 0, r, np.where(j <= r, j - 1, j)), axis=1)
+    return ids
 
 
 # ---------------------------------------------------------------- Arrow columns
@@ -213,6 +252,7 @@ def set_fields(id_bytes: int) -> list[pa.Field]:
             pa.field(GAP, LIST_U8, nullable=False),
             *[pa.field(f"{GAP}_x{b}", LIST_U8, nullable=False) for b in range(id_bytes)],
             pa.field(QMAX, LIST_U8, nullable=False), pa.field(QOFF, LIST_U8, nullable=False),
+            pa.field(TOP, pa.list_(pa.uint16()), nullable=False),
             pa.field("tail_code", pa.list_(pa.uint16()), nullable=False),
             pa.field("norm_code", pa.list_(pa.int16()), nullable=False)]
 
@@ -246,6 +286,7 @@ def encode_set_columns(block: RowBlock, enc: dict[str, Any], id_limit: int) -> d
         cols[f"{GAP}_x{b}"] = list_array(plane, x_counts, pa.uint8())
     cols[QMAX] = list_array(s.qmax, n_pos, pa.uint8())
     cols[QOFF] = list_array(s.qoff, n_pos * k, pa.uint8())
+    cols[TOP] = list_array(s.top, n_pos, pa.uint16())
     cols["tail_code"] = list_array(t.tail_code, n_pos, pa.uint16())
     cols["norm_code"] = list_array(t.norm_code, n_pos, pa.int16())
     return cols
@@ -263,14 +304,15 @@ def read_table(cols: ShardColumns, id_bytes: int) -> np.ndarray:
 
 def decode_set_rows(cols: ShardColumns, enc: dict[str, Any], pos_offsets: np.ndarray) -> list[dict[str, Any]]:
     """Per row, ``ids`` int32 [n, k], ``logprobs`` float32 [n, k] (descending) and ``tail`` float32 [n]."""
-    n_pos, k, id_bytes = np.diff(pos_offsets), int(enc["k"]), int(enc["id_bytes"])
+    n_pos, k, id_bytes = np.diff(pos_offsets), int(enc["k"]), int(enc.get("id_bytes", 0))
     try:
         table = read_table(cols, id_bytes)
         gap, g_off = cols.lists(GAP, n_pos * k)
         escapes = np.flatnonzero(gap == ESCAPE)
-        gap_x = [cols.lists(f"{GAP}_x{b}", _per_row(escapes, g_off))[0] for b in range(id_bytes)]
-        ids, q = decode_set(table, gap, gap_x, cols.lists(QMAX, n_pos)[0], cols.lists(QOFF, n_pos * k)[0], k,
-                            escapes)
+        streams = SetStreams(table=table, gap=gap, escapes=escapes, qmax=cols.lists(QMAX, n_pos)[0],
+                             gap_x=[cols.lists(f"{GAP}_x{b}", _per_row(escapes, g_off))[0] for b in range(id_bytes)],
+                             qoff=cols.lists(QOFF, n_pos * k)[0], top=cols.lists(TOP, n_pos)[0])
+        ids, q = decode_set(streams, k)
     except SetCodingError as exc:
         row = "" if exc.position < 0 else \
             f" row {cols.first_row + int(np.searchsorted(pos_offsets, exc.position, side='right')) - 1}"

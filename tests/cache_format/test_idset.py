@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -88,15 +89,18 @@ def test_set_coding_round_trips_pairs_in_the_spec_order(case: tuple[np.ndarray, 
     np.testing.assert_array_equal(table, s.table)
     assert len(np.unique(table)) == len(table) and (n == 0 or int(table.max()) < vocab)
     assert all(len(p) == len(s.escapes) for p in s.gap_x) and (s.gap[s.escapes] == ESCAPE).all()
-    got_ids, got_q = decode_set(table, s.gap, s.gap_x, s.qmax, s.qoff, k)
+    got_ids, got_q = decode_set(s, k)
     assert got_ids.shape == got_q.shape == (n, k)
     # The same (id, q) pairs per position ...
     np.testing.assert_array_equal(np.sort((ids.astype(np.int64) << 8) | q, axis=1),
                                   np.sort((got_ids.astype(np.int64) << 8) | got_q, axis=1))
-    # ... in 1.0 order (q ascending = log-prob descending), equal q by ascending rank.
+    # ... in 1.0 order (q ascending = log-prob descending), the teacher's top-1 (the first entry of
+    # smallest q) first, the other entries of equal q by ascending rank.
     rank = np.argsort(table)[np.searchsorted(np.sort(table), got_ids)] if n else got_ids
     assert (np.diff(got_q.astype(int), axis=1) >= 0).all()
+    np.testing.assert_array_equal(got_ids[:, 0], ids[np.arange(n), np.argmin(q, axis=1)])
     tie = got_q[:, 1:] == got_q[:, :-1]
+    tie[:, :1] = False
     assert (rank[:, 1:][tie] > rank[:, :-1][tie]).all()
 
 
@@ -170,12 +174,13 @@ def decode_all(blob: bytes) -> list[object]:
 
 
 def tamper(blob: bytes, column: str, change: Callable[[list[list[int]]], None]) -> bytes:
-    """The shard with one list<uint8> column's rows rewritten by ``change`` (in place on Python lists)."""
+    """The shard with one list column's rows rewritten by ``change`` (in place on Python lists)."""
     table = pa.ipc.open_file(pa.BufferReader(blob)).read_all()
     rows = table.column(column).to_pylist()
     change(rows)
     i = table.schema.get_field_index(column)
-    return serialize_table(table.set_column(i, table.schema.field(i), pa.array(rows, pa.list_(pa.uint8()))), 3)
+    field = table.schema.field(i)
+    return serialize_table(table.set_column(i, field, pa.array(rows, field.type)), 3)
 
 
 def with_table(blob: bytes, raw: bytes) -> bytes:
@@ -202,6 +207,10 @@ def _qoff_over(rows: list[list[int]]) -> None:
     rows[2][5] = 255  # row 2 position 1: qmax - 255 < 0 (qmax is far below 255 here)
 
 
+def _top_past_run(rows: list[list[int]]) -> None:
+    rows[2][3] = 60000  # row 2 position 3: far more than the entries tied at its top
+
+
 HOSTILE = {
     "gap past table": ("topk_set_gap", _past_table, r"shard t row 2: column topk_set_gap the ranks walk past the "
                                                      r"300-id rank table; the shard is corrupt — re-dump it"),
@@ -209,6 +218,7 @@ HOSTILE = {
                              r"shard t row 0: column topk_set_gap_x0 an escaped rank gap walks past"),
     "escape count": ("topk_set_gap", _add_escape, r"shard t row 0: column topk_set_gap_x0 has 1 entries, expected 2"),
     "qoff > qmax": ("topk_qoff", _qoff_over, r"shard t row 2: column topk_qoff an offset exceeds topk_qmax"),
+    "top past run": ("topk_top", _top_past_run, r"shard t row 2: column topk_top index 60000 is not below the number of entries tied at the top \(1\)"),
 }
 
 
@@ -243,11 +253,17 @@ def test_hostile_rank_tables_raise_one_clean_error(raw: bytes, message: str) -> 
 
 
 def test_decode_set_rejects_mismatched_streams() -> None:
-    s = encode_set(np.array([[3, 600], [1, 2]]), np.array([[1, 2], [3, 3]], np.uint8), 2)
+    s = encode_set(np.array([[3, 600], [2, 1]]), np.array([[1, 2], [3, 3]], np.uint8), 2)
+    assert s.top.tolist() == [0, 1]  # position 1: 2 and 1 tie, 1 ranks first, the teacher listed 2 first
+    assert decode_set(s, 2)[0].tolist() == [[3, 600], [2, 1]]
     with pytest.raises(SetCodingError, match="exceptions for"):
-        decode_set(s.table, s.gap, [np.zeros(1, np.uint8)] * 2, s.qmax, s.qoff, 2)
+        decode_set(dataclasses.replace(s, gap_x=[np.zeros(1, np.uint8)] * 2), 2)
     with pytest.raises(SetCodingError, match="has 3 gaps"):
-        decode_set(s.table, s.gap[:3], s.gap_x, s.qmax, s.qoff, 2)
+        decode_set(dataclasses.replace(s, gap=s.gap[:3]), 2)
+    with pytest.raises(SetCodingError, match=r"index 2 is not below the number of entries tied at the top \(2\)"):
+        decode_set(dataclasses.replace(s, top=np.array([0, 2], np.uint16)), 2)
+    with pytest.raises(SetCodingError, match="id_bytes=0"):
+        unpack_table(np.zeros(4, np.uint8), 0)
 
 
 # ---------------------------------------------------------------- versions and writer options
