@@ -10,7 +10,11 @@ of ``--seq-len`` tokens of wikitext-2, the same for every configuration:
 * (c) ``kd_online``: the teacher-in-memory alternative: a teacher about twice the student's
   size (6 layers, width 384) runs forward in the same step and the loss is the full-vocabulary
   KL between the two ``[B, T, V]`` logit tensors;
-* the loss alone on the same hidden states: chunked (kdpipe) vs full-vocabulary logits.
+* the loss alone on the same hidden states: chunked (kdpipe) vs full-vocabulary logits;
+* (d) ``kd_stream`` / ``kd_stream_verified``: (b) with the batch read from the cache in every step
+  (shard opened, decoded, collated), without and with the sha256 check of the shard that
+  ``train-student`` and ``eval`` do by default (``--no-verify-checksums`` turns it off). The cache
+  holds one batch, so every step hashes exactly the bytes it trains on, as an epoch of training does.
 
 Every step is forward + backward + AdamW update (the loss-alone rows: forward + backward).
 **Time**: median over all measured steps (one warm-up step excluded), as wall time and as
@@ -23,6 +27,7 @@ process's resident peak during the steps, ``step_peak_MB`` is that minus the res
 before them (activations, logits, gradients: what the step itself needs).
 
     python -m benchmarks.train --quick            # ~3 min on 2 cores
+    python -m benchmarks.train --only kd_stream,kd_stream_verified   # the checksum cost alone
     python -m benchmarks.train --json train.json  # 3 rounds
 """
 
@@ -44,7 +49,10 @@ import numpy as np
 
 from benchmarks.common import CACHE_DIR, print_table, wikitext_lines, wikitext_teacher
 
-CONFIGS = ["ce", "kd_offline", "kd_online", "loss_full", "loss_chunked"]
+CONFIGS = ["ce", "kd_offline", "kd_online", "loss_full", "loss_chunked", "kd_stream", "kd_stream_verified"]
+# What each configuration is compared with (the time_vs_base columns).
+BASELINE = {"ce": "ce", "kd_offline": "ce", "kd_online": "ce", "loss_full": "loss_full",
+            "loss_chunked": "loss_full", "kd_stream": "kd_stream", "kd_stream_verified": "kd_stream"}
 STUDENT = {"hidden_size": 256, "num_layers": 4}
 ONLINE_TEACHER = {"hidden_size": 384, "num_layers": 6}  # ~2x the student's parameters
 K = 64
@@ -160,6 +168,14 @@ def worker(config: str, cache: Path, steps: int, chunk_size: int, threads: int) 
 
             def loss_fn() -> torch.Tensor:
                 return module(batch, cached_targets(batch)).loss  # mean per target position
+        elif config.startswith("kd_stream"):
+            module = DistillModule(student, SparseKDLoss(spec, chunk_size))
+            stream = open_cache(str(cache), verify_checksums=config == "kd_stream_verified")
+
+            def loss_fn() -> torch.Tensor:
+                stream.close()  # the shard is opened (and hashed, when verifying) again, as in a new epoch
+                fresh = collate_rows(list(stream.iter_rows()), "topk", pad_id=0)
+                return module(fresh, cached_targets(fresh)).loss
         else:
             teacher = build_llama(vocab, max_position_embeddings=1024, seed=1, **ONLINE_TEACHER).eval()
             info["teacher_params_M"] = sum(p.numel() for p in teacher.parameters()) / 1e6
@@ -213,6 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per worker; 1 makes CPU time a load-independent measure on a shared box")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.add_argument("--only", default=",".join(CONFIGS), help="comma-separated configurations to run")
     p.add_argument("--worker", choices=CONFIGS, default=None, help=argparse.SUPPRESS)
     p.add_argument("--cache", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -220,41 +237,15 @@ def main(argv: list[str] | None = None) -> None:
         result = worker(args.worker, args.cache, args.steps, args.chunk_size, args.threads)
         args.json.write_text(json.dumps(result))
         return
+    configs = [c for c in CONFIGS if c in args.only.split(",")]
     rounds, steps = (1, 2) if args.quick else (args.rounds, args.steps)
     cache = build_cache(args.batch_size, args.seq_len)
-    runs: dict[str, list[dict[str, Any]]] = {c: [] for c in CONFIGS}
+    runs: dict[str, list[dict[str, Any]]] = {c: [] for c in configs}
     for r in range(rounds):
-        for c in CONFIGS:
+        for c in configs:
             print(f"round {r + 1}/{rounds}: {c}", file=sys.stderr, flush=True)
             runs[c].append(_run_worker(c, cache, steps, args.chunk_size, args.threads))
-    rows = []
-    for c in CONFIGS:
-        times = [t for run in runs[c] for t in run["step_times"]]
-        cpu = [t for run in runs[c] for t in run["step_cpu_times"]]
-        rows.append({"config": c, "step_s": statistics.median(times), "step_cpu_s": statistics.median(cpu),
-                     "peak_MB": statistics.median(run["peak_MB"] for run in runs[c]),
-                     "step_peak_MB": statistics.median(run["step_peak_MB"] for run in runs[c]),
-                     "params_M": runs[c][0]["student_params_M"] + runs[c][0].get("teacher_params_M", 0.0)})
-    by = {r["config"]: r for r in rows}
-    for r in rows:
-        base = by["ce"] if not r["config"].startswith("loss_") else by["loss_full"]
-        r["time_vs_base"] = r["step_s"] / base["step_s"]
-        r["cpu_vs_base"] = r["step_cpu_s"] / base["step_cpu_s"]
-        r["peak_vs_base"] = r["peak_MB"] / base["peak_MB"]
-        r["step_peak_vs_base"] = r["step_peak_MB"] / max(base["step_peak_MB"], 1e-9)
-        r["baseline"] = base["config"]
-    ratios = {
-        "kd_offline/ce step time": by["kd_offline"]["step_s"] / by["ce"]["step_s"],
-        "kd_offline/ce step CPU time": by["kd_offline"]["step_cpu_s"] / by["ce"]["step_cpu_s"],
-        "kd_offline/ce peak memory": by["kd_offline"]["peak_MB"] / by["ce"]["peak_MB"],
-        "kd_offline/ce step peak memory": by["kd_offline"]["step_peak_MB"] / max(by["ce"]["step_peak_MB"], 1e-9),
-        "kd_online/kd_offline step time": by["kd_online"]["step_s"] / by["kd_offline"]["step_s"],
-        "kd_online/kd_offline step CPU time": by["kd_online"]["step_cpu_s"] / by["kd_offline"]["step_cpu_s"],
-        "kd_online/kd_offline peak memory": by["kd_online"]["peak_MB"] / by["kd_offline"]["peak_MB"],
-        "loss chunked/full time": by["loss_chunked"]["step_s"] / by["loss_full"]["step_s"],
-        "loss chunked/full CPU time": by["loss_chunked"]["step_cpu_s"] / by["loss_full"]["step_cpu_s"],
-        "loss chunked/full step peak memory": by["loss_chunked"]["step_peak_MB"] / max(by["loss_full"]["step_peak_MB"], 1e-9),
-    }
+    rows = _summary_rows(runs)
     print(f"\nbatch {args.batch_size} x {args.seq_len} tokens, k={K}, vocab "
           f"{int(json.loads((cache / 'manifest.json').read_text())['identity']['tokenizer']['model_vocab_size'])}, "
           f"{rounds} round(s) x {steps} step(s), {args.threads} torch thread(s) per process\n")
@@ -262,12 +253,51 @@ def main(argv: list[str] | None = None) -> None:
                        "peak_MB", "peak_vs_base",
                        "step_peak_MB", "step_peak_vs_base"])
     print()
-    print_table([{"ratio": k, "value": v, "target": "<= 1.10" if k.startswith("kd_offline/ce") else ""}
+    ratios = _ratios({r["config"]: r for r in rows})
+    print_table([{"ratio": k, "value": v, "target": _TARGETS.get(k.split(" step")[0].split(" peak")[0], "")}
                  for k, v in ratios.items()], ["ratio", "value", "target"])
     if args.json:
         args.json.write_text(json.dumps({"settings": vars(args) | {"json": str(args.json), "cache": str(cache)},
                                          "rows": rows, "ratios": ratios, "runs": runs}, indent=2, default=str))
 
+
+def _summary_rows(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Medians per configuration, each beside its baseline (when that ran too)."""
+    rows = []
+    for c, c_runs in runs.items():
+        rows.append({"config": c, "step_s": statistics.median(t for run in c_runs for t in run["step_times"]),
+                     "step_cpu_s": statistics.median(t for run in c_runs for t in run["step_cpu_times"]),
+                     "peak_MB": statistics.median(run["peak_MB"] for run in c_runs),
+                     "step_peak_MB": statistics.median(run["step_peak_MB"] for run in c_runs),
+                     "params_M": c_runs[0]["student_params_M"] + c_runs[0].get("teacher_params_M", 0.0)})
+    by = {r["config"]: r for r in rows}
+    for r in rows:
+        base = by.get(BASELINE[r["config"]])
+        r["baseline"] = BASELINE[r["config"]]
+        for col, key in (("time_vs_base", "step_s"), ("cpu_vs_base", "step_cpu_s"), ("peak_vs_base", "peak_MB"),
+                         ("step_peak_vs_base", "step_peak_MB")):
+            r[col] = r[key] / max(base[key], 1e-9) if base is not None else None
+    return rows
+
+
+_TARGETS = {"kd_offline/ce": "<= 1.10", "kd_stream_verified/kd_stream": "<= 1.05"}
+_PAIRS = [("kd_offline", "ce", ("time", "CPU time", "peak memory", "step peak memory")),
+          ("kd_online", "kd_offline", ("time", "CPU time", "peak memory")),
+          ("loss_chunked", "loss_full", ("time", "CPU time", "step peak memory")),
+          ("kd_stream_verified", "kd_stream", ("time", "CPU time"))]
+_COLUMN = {"time": "step_s", "CPU time": "step_cpu_s", "peak memory": "peak_MB", "step peak memory": "step_peak_MB"}
+
+
+def _ratios(by: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """The headline ratios between configurations that both ran."""
+    out = {}
+    for a, b, measures in _PAIRS:
+        if a in by and b in by:
+            name = f"{a}/{b}" if a.startswith("kd") else "loss chunked/full"
+            for m in measures:
+                label = f"{name} step {m}" if m in ("time", "CPU time") and a.startswith("kd") else f"{name} {m}"
+                out[label] = by[a][_COLUMN[m]] / max(by[b][_COLUMN[m]], 1e-9)
+    return out
 
 if __name__ == "__main__":
     main()

@@ -19,6 +19,7 @@ from cache_format.errors import (
     CacheExistsError,
     CacheNotFoundError,
     ChecksumMismatchError,
+    DuplicateError,
     IncompatibleCacheError,
     IncompleteCacheError,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "ClassLogitsBatch",
     "ClassLogitsEncoding",
     "DecodedRow",
+    "DuplicateError",
     "IncompatibleCacheError",
     "IncompleteCacheError",
     "SampledBatch",

@@ -262,17 +262,17 @@ def encode_sampled(draws: np.ndarray, *, num_draws: int, id_limit: int, locate: 
                           id_planes=split_planes(uids[order], id_bytes_for(id_limit)))
 
 
-def decode_sampled(num_unique: np.ndarray, counts: np.ndarray, id_planes: list[np.ndarray], *,
+def decode_sampled(num_unique: np.ndarray, counts: np.ndarray, uids: np.ndarray, *,
                    num_draws: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Padded ``ids`` int32 [n, m], ``counts`` int32 [n, m], ``logprobs`` float32 [n, m], ``tail`` [n].
 
-    ``m`` is the largest unique count in the batch; padding has id 0, count 0 and log-prob
+    ``uids``: the unique ids (joined byte planes), one per count. ``m`` is the largest unique
+    count in the batch; padding has id 0, count 0 and log-prob
     ``PAD_LOGPROB``. The unbiased estimate of p(id) is count / num_draws, so logprobs = ln(count/N).
     """
     n = len(num_unique)
     nu = num_unique.astype(np.int64)
     m = int(nu.max(initial=0))
-    uids = join_planes(id_planes) if len(counts) else np.zeros(0, np.int32)
     row = np.repeat(np.arange(n), nu)
     starts = np.cumsum(nu) - nu
     col = np.arange(len(counts)) - np.repeat(starts, nu)

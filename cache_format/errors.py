@@ -73,3 +73,15 @@ class EncodingError(CacheError):
 
 class WriterStateError(CacheError):
     """The writer was used out of order (write after finalize, unit ended twice, unit already complete...)."""
+
+
+class UnsafeFileError(CacheError):
+    """A cache file is a symlink, FIFO, device or directory: refused before a single byte is read."""
+
+
+class RemoteStorageError(CacheError):
+    """An object store could not be reached or refused a request (timeout, connection refused, forbidden...)."""
+
+
+class SamePathError(CacheExistsError):
+    """A copy or merge whose destination is (inside) one of its sources: refused before anything is touched."""

@@ -1,41 +1,86 @@
-"""``merge_caches()``: join the caches of independent workers of one dump into one cache."""
+"""``merge_caches()``: join the caches of independent workers of one dump into one cache.
+
+The output folder must be new, empty, or hold only the leftovers of an unfinished merge or copy
+(kdpipe temporary files ``.tmp-<32 hex>-…`` and shards named ``shard-u<9 digits>-p<4 digits>.arrow``,
+no manifest): those are kdpipe's own and are removed, so a failed merge can simply be rerun.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from pathlib import Path
 from typing import Any
 
-from cache_format._files import atomic_write, copy_hashing, fsync_dir, temp_name
-from cache_format.errors import CacheExistsError, DuplicateError, IncompatibleCacheError
-from cache_format.manifest import MANIFEST_NAME, ShardInfo, build_manifest, dumps_manifest
-from cache_format.reader import CacheReader, check_sha256, open_cache
+from cache_format._files import atomic_write, copy_shard_verified, fsync_dir, is_leftover, refuse_overlap
+from cache_format.errors import CacheError, CacheExistsError, DuplicateError, IncompatibleCacheError
+from cache_format.manifest import MANIFEST_NAME, ShardInfo, build_manifest, dumps_manifest, printable
+from cache_format.reader import CacheReader, open_cache
+from cache_format.storage import is_remote
 
 
 def merge_caches(out: str | os.PathLike[str], inputs: list[str | os.PathLike[str]],
                  storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Copy the inputs' shards into ``out`` and write one manifest, ordered by (unit, part).
 
-    Refuses inputs whose identities differ (``run`` is ignored), duplicate units and
-    duplicate sample ids. ``out`` must not exist or be empty. Returns the manifest dict.
+    Refuses inputs whose identities differ (``run`` is ignored), duplicate units, shard names and
+    sample ids, and an ``out`` that is (inside) an input or holds foreign files. Every shard's size
+    and sha256 are checked before it appears in ``out``; on failure, nothing this call wrote is left.
+    Returns the manifest dict.
     """
     if not inputs:
         raise IncompatibleCacheError("merge needs at least one input cache")
-    readers: list[CacheReader] = [open_cache(p, storage_options) for p in inputs]
+    if is_remote(out):
+        raise CacheError(f"merge writes a local folder, not {out}; merge into a local folder, then upload it with "
+                         "`kdpipe cache copy`")
+    refuse_overlap("merge", out, None, [(p, storage_options) for p in inputs])
+    # Checksums are verified while the sample ids are scanned: nothing unverified is decoded.
+    readers: list[CacheReader] = [open_cache(p, storage_options, verify_checksums=True) for p in inputs]
     units = _check_mergeable(inputs, readers)
     out_dir = Path(out)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise CacheExistsError(f"{out_dir} is not empty; merge writes a new cache — choose an empty directory")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    shards = [info for r in readers for info in _copy_shards(r, out_dir)]
-    fsync_dir(out_dir)
-    identity = readers[0].identity
-    merged_identity = dataclasses.replace(identity, run={"merged_from": [
-        {"path": str(p), "run": r.identity.run} for p, r in zip(inputs, readers, strict=True)]})
-    manifest = build_manifest(merged_identity, readers[0].manifest.shard_encoding, shards, units)
-    atomic_write(out_dir / MANIFEST_NAME, dumps_manifest(manifest).encode())
+    made_dir = _prepare_out(out_dir)
+    placed: list[Path] = []
+    try:
+        for r in readers:
+            for info in r.shard_infos:
+                copy_shard_verified(r.storage, info, out_dir)
+                placed.append(out_dir / info.name)
+            r.close()
+        fsync_dir(out_dir)
+        identity = readers[0].identity
+        merged_identity = dataclasses.replace(identity, run={"merged_from": [
+            {"path": str(p), "run": r.identity.run} for p, r in zip(inputs, readers, strict=True)]})
+        shards: list[ShardInfo] = [info for r in readers for info in r.shard_infos]
+        manifest = build_manifest(merged_identity, readers[0].manifest.shard_encoding, shards, units)
+        atomic_write(out_dir / MANIFEST_NAME, dumps_manifest(manifest).encode())
+    except BaseException:
+        for path in placed:
+            path.unlink(missing_ok=True)
+        if made_dir:
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()
+        raise
     return manifest
+
+
+def _prepare_out(out_dir: Path) -> bool:
+    """Make ``out_dir`` ready: refuse foreign content, remove an unfinished merge's leftovers; True if created."""
+    if not os.path.lexists(out_dir):
+        out_dir.mkdir(parents=True)
+        return True
+    if out_dir.is_symlink() or not out_dir.is_dir():
+        raise CacheExistsError(f"{out_dir} exists and is not a folder; merge writes a new cache — choose an empty "
+                               "directory")
+    with os.scandir(out_dir) as it:
+        entries = list(it)
+    foreign = sorted(e.name for e in entries if not e.is_file(follow_symlinks=False) or not is_leftover(e.name))
+    if foreign:
+        raise CacheExistsError(f"{out_dir} is not empty: {printable(repr(foreign[0]))} is not a leftover of an "
+                               "unfinished kdpipe merge or copy; merge writes a new cache — choose an empty directory")
+    for e in entries:
+        os.unlink(e.path)
+    return False
 
 
 def _check_mergeable(inputs: list[str | os.PathLike[str]], readers: list[CacheReader]) -> list[int]:
@@ -44,37 +89,31 @@ def _check_mergeable(inputs: list[str | os.PathLike[str]], readers: list[CacheRe
     for path, r in zip(inputs[1:], readers[1:], strict=True):
         diffs = first.identity.diff(r.identity)
         if diffs:
-            raise IncompatibleCacheError(f"cannot merge {path} with {inputs[0]}: identities differ ("
-                                         + "; ".join(diffs[:10]) + "); only workers of one dump can be merged")
+            raise IncompatibleCacheError(printable(
+                f"cannot merge {path} with {inputs[0]}: identities differ (" + "; ".join(diffs[:10])
+                + "); only workers of one dump can be merged", 2000))
         if r.manifest.shard_encoding != first.manifest.shard_encoding:
-            raise IncompatibleCacheError(f"cannot merge {path} with {inputs[0]}: shard_encoding differs "
-                                         f"({r.manifest.shard_encoding} != {first.manifest.shard_encoding})")
+            raise IncompatibleCacheError(printable(
+                f"cannot merge {path} with {inputs[0]}: shard_encoding differs "
+                f"({r.manifest.shard_encoding} != {first.manifest.shard_encoding})", 2000))
     unit_owner: dict[int, str] = {}
+    name_owner: dict[str, str] = {}
     for path, r in zip(inputs, readers, strict=True):
         for u in r.manifest.units:
             if u in unit_owner:
                 raise DuplicateError(f"unit {u} is in both {unit_owner[u]} and {path}; the same work was done twice "
                                      "— drop one of the two caches (or merge only disjoint workers)")
             unit_owner[u] = str(path)
+        for info in r.shard_infos:
+            if info.name.casefold() in name_owner:
+                raise DuplicateError(f"shard {info.name} is in both {name_owner[info.name.casefold()]} and {path}; "
+                                     "merged shards share one folder — these caches cannot be merged")
+            name_owner[info.name.casefold()] = str(path)
     seen: dict[str, str] = {}
     for path, r in zip(inputs, readers, strict=True):
         for row in r.iter_rows():
             if row.sample_id in seen:
-                raise DuplicateError(f"sample_id {row.sample_id!r} is in both {seen[row.sample_id]} and {path}; "
-                                     "the workers' units overlapped — re-dump with disjoint units")
+                raise DuplicateError(f"sample_id {printable(repr(row.sample_id))} is in both {seen[row.sample_id]} "
+                                     f"and {path}; the workers' units overlapped — re-dump with disjoint units")
             seen[row.sample_id] = str(path)
     return sorted(unit_owner)
-
-
-def _copy_shards(reader: CacheReader, out_dir: Path) -> list[ShardInfo]:
-    """Copy every shard of ``reader`` into ``out_dir`` (checking its sha256 on the way), each renamed when complete."""
-    for info in reader.shard_infos:
-        tmp = out_dir / temp_name(info.name)
-        with reader.storage.open(info.name) as src, open(tmp, "wb") as dst:
-            digest = copy_hashing(src, dst)
-            dst.flush()
-            os.fsync(dst.fileno())
-        check_sha256(info, digest, reader.storage.describe(info.name))
-        os.replace(tmp, out_dir / info.name)
-    reader.close()
-    return reader.shard_infos

@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
-from cache_format._files import copy_hashing
-from cache_format.encodings import ENCODINGS
 from cache_format.errors import (
     CacheNotFoundError,
     ChecksumMismatchError,
     CountMismatchError,
-    IncompleteCacheError,
-    InvariantError,
-    ShardCorruptError,
-    ShardTruncatedError,
+    DuplicateError,
 )
 from cache_format.identity import CacheIdentity
 from cache_format.manifest import (
@@ -34,30 +25,26 @@ from cache_format.manifest import (
     parse_marker,
 )
 from cache_format.rows import DecodedRow
-from cache_format.shard import META_BATCH_ROWS, decode_batch, read_shard_encoding
+from cache_format.shard_file import ShardFile
 from cache_format.storage import Storage
-
-_ARROW_ERRORS = (pa.ArrowInvalid, pa.ArrowIOError, pa.ArrowNotImplementedError, pa.ArrowTypeError,
-                 pa.ArrowKeyError, pa.ArrowIndexError, OSError, ValueError, IndexError)
 
 
 def open_cache(path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None, *,
-               verify_checksums: bool = False) -> CacheReader:
+               verify_checksums: bool = True) -> CacheReader:
     """Open a finished cache (local path, ``file://``, ``s3://``, ``gs://``, ``hf://``...).
 
     The manifest is size-capped, schema-checked, version-checked and path-checked before any
-    shard is opened. ``verify_checksums`` also checks each shard's sha256 before reading it.
+    shard is opened; every file is opened as SPEC §1 requires of untrusted caches (regular files
+    only, never past the manifest's byte count). ``verify_checksums`` (on by default: a shared
+    cache is untrusted until checked) checks each shard's sha256 as it is read (one pass), before
+    any of it is decoded; turn it off only for caches you wrote yourself on local disk.
     """
     storage = Storage(path, storage_options)
-    if not storage.exists(MANIFEST_NAME):
-        if storage.exists(INCOMPLETE_MARKER):
-            raise IncompleteCacheError(
-                f"{storage.describe('')} is an unfinished cache (no {MANIFEST_NAME}; the dump is still running or "
-                "was interrupted): resume the dump (mode='resume' / --resume) so it finalizes, then read it")
-        raise CacheNotFoundError(f"{storage.describe(MANIFEST_NAME)} does not exist: {storage.url} is not a kdpipe "
-                                 "cache (check the path, or that the upload finished)")
-    data = storage.read_bytes(MANIFEST_NAME, MAX_MANIFEST_BYTES)
-    manifest = parse_manifest(data, storage.describe(MANIFEST_NAME))
+    try:
+        _, manifest = storage.read_manifest()
+    except CacheNotFoundError:
+        storage.check_reachable()  # a missing or invisible bucket is a storage error, not "no cache here"
+        raise
     return CacheReader(storage, manifest, verify_checksums=verify_checksums)
 
 
@@ -85,21 +72,19 @@ def read_identity(path: str | os.PathLike[str], storage_options: dict[str, Any] 
 class CacheReader:
     """Read rows of a finished cache; see ``iter_rows`` and ``read_row``."""
 
-    def __init__(self, storage: Storage, manifest: Manifest, *, verify_checksums: bool = False) -> None:
+    def __init__(self, storage: Storage, manifest: Manifest, *, verify_checksums: bool = True) -> None:
         self.storage = storage
         self.manifest = manifest
         self.verify_checksums = verify_checksums
         self._open_index: int | None = None
-        self._open_reader: pa.ipc.RecordBatchFileReader | None = None
-        self._open_file: Any = None
-        self._open_enc: dict[str, Any] = {}
-        self._open_starts: np.ndarray = np.zeros(1, np.int64)
+        self._open_shard: ShardFile | None = None
         self._open_pid = os.getpid()
+        refuse_duplicate_shards(manifest.shards)
 
     def __getstate__(self) -> dict[str, Any]:
         """Picklable (spawned DataLoader workers): open shard handles are not carried over."""
         state = dict(self.__dict__)
-        state.update(_open_index=None, _open_reader=None, _open_file=None, _open_pid=-1)
+        state.update(_open_index=None, _open_shard=None, _open_pid=-1)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -133,17 +118,19 @@ class CacheReader:
             yield from batch
 
     def iter_batches(self, shards: Sequence[int] | None = None) -> Iterator[list[DecodedRow]]:
-        """Like ``iter_rows`` but yields the decoded rows of one Arrow record batch at a time."""
+        """Like ``iter_rows`` but yields the decoded rows of one Arrow record batch at a time.
+
+        Every row has passed the spec's row rules (the same ones ``verify_cache`` applies); a
+        row that breaks one raises ``InvariantError`` before any row of its batch is handed out,
+        and a sample id repeated within a shard raises ``DuplicateError``.
+        """
         indices = range(len(self.manifest.shards)) if shards is None else shards
         for i in indices:
             info = self._info(i)
-            reader, enc = self._open(i)
+            shard = self._open(i)
             rows = positions = tokens = 0
-            for b in range(reader.num_record_batches):
-                batch = self._get_batch(reader, b, info)
-                decoded = decode_batch(batch, enc, info.name, i, rows)
-                self._check_ids(decoded, info)
-                rows += batch.num_rows
+            for decoded in shard.iter_decoded(int(i)):
+                rows += len(decoded)
                 positions += sum(len(r.positions) for r in decoded)
                 tokens += sum(len(r.input_ids) for r in decoded)
                 yield decoded
@@ -154,19 +141,14 @@ class CacheReader:
         info = self._info(shard_index)
         if not isinstance(row_index, int) or not 0 <= row_index < info.rows:
             raise IndexError(f"row {row_index} is outside shard {info.name} (rows 0..{info.rows - 1})")
-        reader, enc = self._open(shard_index)
-        b = int(np.searchsorted(self._open_starts, row_index, side="right") - 1)
-        batch = self._get_batch(reader, b, info)
-        first = int(self._open_starts[b])
-        one = batch.slice(row_index - first, 1)
-        rows = decode_batch(one, enc, info.name, shard_index, row_index)
-        self._check_ids(rows, info)
-        return rows[0]
+        shard = self._open(shard_index)
+        b = int(np.searchsorted(shard.starts, row_index, side="right") - 1)
+        return shard.decode(b, int(shard_index), row_index)[0]
 
     def close(self) -> None:
-        if self._open_file is not None:
-            self._open_file.close()
-        self._open_index = self._open_reader = self._open_file = None
+        if self._open_shard is not None:
+            self._open_shard.close()
+        self._open_index = self._open_shard = None
 
     def __enter__(self) -> CacheReader:
         return self
@@ -181,85 +163,40 @@ class CacheReader:
             raise IndexError(f"shard index {i} is outside 0..{len(self.manifest.shards) - 1}")
         return self.manifest.shards[int(i)]
 
-    def _open(self, i: int) -> tuple[pa.ipc.RecordBatchFileReader, dict[str, Any]]:
+    def _open(self, i: int) -> ShardFile:
         i = int(i)
         if self._open_pid != os.getpid():
             # Forked (e.g. a DataLoader worker): the inherited file shares its offset with the
             # parent's, so forget it (without closing the parent's) and open our own.
-            self._open_index = self._open_reader = self._open_file = None
+            self._open_index = self._open_shard = None
             self._open_pid = os.getpid()
-        if self._open_index == i and self._open_reader is not None:
-            return self._open_reader, self._open_enc
+        if self._open_index == i and self._open_shard is not None:
+            return self._open_shard
         self.close()
         info = self._info(i)
+        # Regular file inside the root, exact size, and (when asked) sha256 — all before Arrow sees a byte.
+        fh = self.storage.open_shard(info.name, info.bytes, info.sha256 if self.verify_checksums else None)
         try:
-            size = self.storage.size(info.name)
-        except CacheNotFoundError:
-            raise ShardCorruptError(f"shard {self.storage.describe(info.name)} is listed in the manifest but missing; "
-                                    "re-copy the whole cache directory (or re-dump)") from None
-        if size != info.bytes:
-            raise ShardTruncatedError(
-                f"shard {self.storage.describe(info.name)} is {size} bytes but the manifest says {info.bytes}: "
-                "an interrupted copy/upload or a damaged file — re-copy the cache, or re-dump this shard")
-        fh = self.storage.open(info.name)
-        if self.verify_checksums:
-            data = fh.read()
+            shard = ShardFile(fh, info, self.manifest.shard_encoding, self.storage.describe(info.name),
+                              self.identity.id_limit)
+        except BaseException:
             fh.close()
-            check_sha256(info, hashlib.sha256(data).hexdigest(), self.storage.describe(info.name))
-            fh = io.BytesIO(data)
-        try:
-            reader = pa.ipc.open_file(fh)
-        except _ARROW_ERRORS as exc:
-            fh.close()
-            raise ShardCorruptError(f"shard {self.storage.describe(info.name)} is not a readable Arrow IPC file "
-                                    f"({type(exc).__name__}: {exc}); run `kdpipe cache verify` and re-copy or "
-                                    "re-dump it") from None
-        enc = read_shard_encoding(reader.schema, info.name)
-        if enc != self.manifest.shard_encoding:
-            fh.close()
-            raise ShardCorruptError(f"shard {self.storage.describe(info.name)} was written with encoding {enc}, but "
-                                    f"the manifest says {self.manifest.shard_encoding}; the shard belongs to another "
-                                    "cache — re-copy the cache or re-dump it")
-        starts = batch_starts(reader.schema, reader.num_record_batches, info)
-        self._open_index, self._open_reader, self._open_file = i, reader, fh
-        self._open_enc, self._open_starts = enc, starts
-        return reader, enc
-
-    def _get_batch(self, reader: pa.ipc.RecordBatchFileReader, b: int, info: ShardInfo) -> pa.RecordBatch:
-        try:
-            return reader.get_batch(b)
-        except _ARROW_ERRORS as exc:
-            raise ShardCorruptError(f"shard {info.name} record batch {b} cannot be read ({type(exc).__name__}: "
-                                    f"{exc}); run `kdpipe cache verify` and re-copy or re-dump it") from None
-
-    def _check_ids(self, rows: list[DecodedRow], info: ShardInfo) -> None:
-        limit = self.identity.id_limit
-        if not ENCODINGS[self.identity.encoding.kind].per_position:
-            return
-        for r in rows:
-            if r.ids is not None and r.ids.size and int(r.ids.max()) >= limit:
-                t = int(np.flatnonzero((r.ids >= limit).any(axis=1))[0])
-                raise InvariantError(f"shard {info.name} row {r.row_index} (sample_id {r.sample_id!r}) position "
-                                     f"{int(r.positions[t])}: token id {int(r.ids.max())} >= vocab size {limit}; "
-                                     "the cache does not match its own tokenizer identity — re-dump it")
+            raise
+        self._open_index, self._open_shard = i, shard
+        return shard
 
 
-def batch_starts(schema: pa.Schema, num_batches: int, info: ShardInfo) -> np.ndarray:
-    """First row of each record batch (plus the total), from the shard's ``kdpipe.batch_rows`` metadata."""
-    raw = (schema.metadata or {}).get(META_BATCH_ROWS)
-    try:
-        counts = json.loads(raw) if raw is not None else None
-    except ValueError:
-        counts = None
-    if not isinstance(counts, list) or len(counts) != num_batches or not all(
-            isinstance(c, int) and c >= 0 for c in counts):
-        raise ShardCorruptError(f"shard {info.name}: schema metadata kdpipe.batch_rows is missing or does not match "
-                                f"its {num_batches} record batches; the shard is corrupt — re-dump it")
-    if sum(counts) != info.rows:
-        raise CountMismatchError(f"shard {info.name} holds {sum(counts)} rows but the manifest says {info.rows}; the "
-                                 "manifest or shard was altered — re-create the manifest with `kdpipe cache merge` "
-                                 "or re-dump")
-    return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+def refuse_duplicate_shards(shards: Sequence[ShardInfo]) -> None:
+    """Two shards with rows and one sha256 hold the same rows: a consumer would read them twice.
+
+    (Rows repeated across shards that differ elsewhere need the whole cache read: ``verify`` finds them.)
+    """
+    first: dict[str, str] = {}
+    for info in shards:
+        if info.rows and first.setdefault(info.sha256, info.name) != info.name:
+            raise DuplicateError(f"shards {first[info.sha256]} and {info.name} are byte-identical (same sha256), so "
+                                 "their rows would be read twice; the cache was assembled wrongly — re-merge it from "
+                                 "its parts or re-dump it")
 
 
 def check_counts(info: ShardInfo, rows: int, tokens: int, positions: int) -> None:
@@ -275,8 +212,3 @@ def check_sha256(info: ShardInfo, digest: str, where: str) -> None:
         raise ChecksumMismatchError(f"shard {where}: sha256 {digest[:16]}… differs from the manifest's "
                                     f"{info.sha256[:16]}…; the file changed after it was written — re-copy or "
                                     "re-dump it")
-
-
-def sha256_of(storage: Storage, name: str) -> str:
-    with storage.open(name) as fh:
-        return copy_hashing(fh)

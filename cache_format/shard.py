@@ -8,6 +8,7 @@ with a handful of numpy calls.
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -16,11 +17,11 @@ import pyarrow as pa
 
 from cache_format import codec
 from cache_format.encodings import ENCODINGS
-from cache_format.encodings.base import ShardColumns, list_array
+from cache_format.encodings.base import ARROW_ERRORS, ShardColumns, list_array
 from cache_format.encodings.idset import id_coding_of
-from cache_format.errors import ShardCorruptError, UnsupportedVersionError
+from cache_format.errors import EncodingError, ShardCorruptError, UnsupportedVersionError
 from cache_format.identity import CacheIdentity
-from cache_format.rows import DecodedRow, RowBlock
+from cache_format.rows import BatchRows, DecodedRow, RowBlock, check_common
 
 FORMAT_NAME = "kdpipe-logit-cache"
 # The newest version written; a shard or manifest declares the oldest version that describes it
@@ -36,6 +37,10 @@ META_BATCH_ROWS = b"kdpipe.batch_rows"
 # amount at a time (64k positions at k=64 decode to about 32 MB of ids+log-probs).
 BATCH_MAX_ROWS = 1024
 BATCH_MAX_POSITIONS = 65536
+# The spec's columns of one record batch decompress to at most this many bytes (SPEC §5.1): a reader
+# cap that holds whatever a hostile manifest claims. The writer's batches stay far below it
+# (65,536 positions at k=64 are ~17 MB); only rows of millions of tokens could reach it.
+MAX_BATCH_BYTES = 1 << 31
 
 # Columns every shard has, whatever its encoding; the encoding's own columns follow them.
 _COMMON_FIELDS = (
@@ -131,6 +136,11 @@ def build_table(block: RowBlock, identity: CacheIdentity, enc: dict[str, Any] | 
     schema = shard_schema(enc, [b - a for a, b in cuts])
     arrays = [cols[f.name] for f in schema]
     batches = [pa.record_batch([a.slice(s, e - s) for a in arrays], schema=schema) for s, e in cuts]
+    for (s, e), batch in zip(cuts, batches, strict=True):
+        if batch.nbytes > MAX_BATCH_BYTES:
+            raise EncodingError(f"rows {block.sample_ids[s]!r}..{block.sample_ids[e - 1]!r} take {batch.nbytes} bytes "
+                                f"in one record batch, over the format's {MAX_BATCH_BYTES}-byte cap; split these "
+                                "sequences into shorter chunks")
     return pa.Table.from_batches(batches, schema=schema)
 
 
@@ -161,7 +171,7 @@ def read_shard_encoding(schema: pa.Schema, shard: str) -> dict[str, Any]:
                                       f"this library reads {FORMAT_MAJOR}.x — upgrade kdpipe")
     try:
         enc = json.loads(meta[META_ENCODING])
-    except (KeyError, ValueError):
+    except (KeyError, ValueError, RecursionError):
         raise ShardCorruptError(f"shard {shard}: schema metadata kdpipe.encoding is missing or not JSON") from None
     if not isinstance(enc, dict):
         raise ShardCorruptError(f"shard {shard}: schema metadata kdpipe.encoding must be a JSON object")
@@ -169,28 +179,87 @@ def read_shard_encoding(schema: pa.Schema, shard: str) -> dict[str, Any]:
     return enc
 
 
-def decode_batch(batch: pa.RecordBatch, enc: dict[str, Any], shard: str, shard_index: int,
-                 first_row: int) -> list[DecodedRow]:
-    """Decode every row of a record batch (vectorized across the batch)."""
+def check_schema(schema: pa.Schema, enc: dict[str, Any], shard: str) -> dict[str, int]:
+    """Field index of each of the spec's columns in ``schema``: present once, with exactly the spec's type.
+
+    Other columns are allowed (readers ignore them); ``label`` is optional.
+    """
     kind = enc.get("kind")
     if not isinstance(kind, str) or kind not in ENCODINGS:
         raise ShardCorruptError(f"shard {shard}: unknown encoding kind {kind!r} in schema metadata")
-    fmt = ENCODINGS[kind]
-    names = set(batch.schema.names)
-    missing = sorted(({"sample_id", "input_ids", "positions"} | {f.name for f in fmt.fields(enc)}) - names)
+    found, missing = {}, []
+    for f in _spec_fields(json.dumps(enc, sort_keys=True)):
+        where = schema.get_all_field_indices(f.name)
+        if not where:
+            if f.name != "label":
+                missing.append(f.name)
+            continue
+        got = schema.field(where[0]).type
+        if len(where) > 1 or not _same_type(got, f.type):
+            raise ShardCorruptError(f"shard {shard}: column {f.name} is {_shown(got)} ({len(where)} column(s) of that name), "
+                                    f"but the spec says one column of type {f.type}; the shard is corrupt or from "
+                                    "another format — re-dump it")
+        found[f.name] = where[0]
     if missing:
         raise ShardCorruptError(f"shard {shard}: missing column(s) {', '.join(missing)}; the shard is corrupt "
                                 "or from another format — re-dump it")
+    return found
+
+
+@functools.lru_cache(maxsize=64)
+def _spec_fields(enc_json: str) -> tuple[pa.Field, ...]:
+    # Cached: every record batch is checked, and building the schema costs more than checking it.
+    return tuple(shard_schema(json.loads(enc_json)))
+
+
+def _shown(x: object) -> str:
+    """``x`` as text safe for a terminal: Arrow types and errors quote field names a hostile shard chooses."""
+    from cache_format.manifest import printable  # here: manifest imports this module
+
+    return printable(str(x), 300)
+
+
+def _same_type(got: pa.DataType, want: pa.DataType) -> bool:
+    # List child names differ between Arrow writers ("item", "element"); only the value type matters.
+    if pa.types.is_list(want):
+        return pa.types.is_list(got) and _same_type(got.value_type, want.value_type)
+    return bool(got == want)
+
+
+def decode_batch(batch: pa.RecordBatch, enc: dict[str, Any], shard: str, shard_index: int,
+                 first_row: int, *, id_limit: int | None = None) -> list[DecodedRow]:
+    """Decode every row of a record batch (vectorized across the batch), checking the spec's row rules.
+
+    A row that breaks a rule raises ``InvariantError`` naming the shard, row, sample id and
+    position; a malformed column raises ``ShardCorruptError``. ``id_limit``: the identity's id
+    limit (default: the largest id the shard's byte planes hold).
+    """
+    check_schema(batch.schema, enc, shard)
+    fmt = ENCODINGS[enc["kind"]]
+    if id_limit is None and fmt.per_position:
+        id_limit = 1 << (8 * int(enc.get("id_bytes", 4)))
     cols = ShardColumns(batch, shard, first_row)
+    try:
+        ctx, inputs = _decode_common(cols, id_limit or 0)
+        parts = fmt.decode(cols, enc, ctx)
+        labels = batch.column("label").to_pylist() if "label" in batch.schema.names else [None] * batch.num_rows
+    except ARROW_ERRORS as exc:
+        raise ShardCorruptError(f"shard {shard} rows {first_row}..{first_row + batch.num_rows - 1} cannot be "
+                                f"decoded ({_shown(f'{type(exc).__name__}: {exc}')}); re-copy or re-dump the "
+                                "cache") from exc
+    positions = _split(ctx.positions, ctx.pos_offsets)
+    return [DecodedRow(ctx.sample_ids[i], inputs[i], positions[i], label=labels[i], shard_index=shard_index,
+                       row_index=first_row + i, **parts[i]) for i in range(batch.num_rows)]
+
+
+def _decode_common(cols: ShardColumns, id_limit: int) -> tuple[BatchRows, list[np.ndarray]]:
+    """The columns every encoding has, checked: sample ids, input ids and target positions."""
+    sids, lengths = cols.strings("sample_id")
     in_vals, in_off = cols.lists("input_ids")
     pos_vals, pos_off = cols.lists("positions")
-    inputs = _split(in_vals.astype(np.int32, copy=False), in_off)
-    positions = _split(pos_vals.astype(np.int32, copy=False), pos_off)
-    sids = batch.column("sample_id").to_pylist()
-    labels = batch.column("label").to_pylist() if "label" in names else [None] * batch.num_rows
-    parts = fmt.decode(cols, enc, pos_off)
-    return [DecodedRow(sids[i], inputs[i], positions[i], label=labels[i], shard_index=shard_index,
-                       row_index=first_row + i, **parts[i]) for i in range(batch.num_rows)]
+    ctx = BatchRows(cols.shard, cols.first_row, sids, pos_off, pos_vals.astype(np.int32, copy=False), id_limit)
+    check_common(ctx, lengths, in_vals, in_off)
+    return ctx, _split(in_vals.astype(np.int32, copy=False), in_off)
 
 
 def _split(values: np.ndarray, offsets: np.ndarray) -> list[np.ndarray]:

@@ -10,17 +10,18 @@ from __future__ import annotations
 import inspect
 import json
 import sys
+import traceback
 from pathlib import Path
 
 import typer
 
-from cache_format.errors import CacheError
 from pipeline import cli_cache
 from pipeline.config import config_command
 from pipeline.demo.config import DemoConfig
 from pipeline.dump.config import DumpConfig
-from pipeline.errors import ConfigError, KdpipeError
+from pipeline.errors import ConfigError, describe_expected
 from pipeline.eval.config import EvalConfig
+from pipeline.hf_io import first_line
 from pipeline.train.config import TrainConfig
 
 app = typer.Typer(
@@ -92,16 +93,28 @@ def register_commands() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: user errors become one ``error:`` line and exit code 2."""
+    """Console entry point: user errors become one ``error:`` line and exit code 2.
+
+    "User errors" are kdpipe's own (:class:`KdpipeError`, :class:`CacheError`) and the library
+    exceptions that bad input or a bad environment raise (:func:`describe_expected`: a full or
+    read-only disk, a non-UTF-8 file, corrupt Arrow/safetensors data, remote storage refusing, ...).
+    Any other exception is a bug: its traceback is shown, then a line asking to report it (exit 1).
+    """
     register_commands()
     try:
         app(args=argv, prog_name="kdpipe")
-    except (KdpipeError, CacheError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as exc:
+        message = describe_expected(exc)
+        if message is None:
+            traceback.print_exc()
+            print(f"error: unexpected {type(exc).__name__} (a bug in kdpipe): {first_line(exc)}; please report it "
+                  "with the traceback above", file=sys.stderr)
+            sys.exit(1)
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

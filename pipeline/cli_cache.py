@@ -62,9 +62,11 @@ def info(path: Annotated[str, typer.Argument(help="Cache directory or URL (s3://
          as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
          endpoint_url: EndpointOpt = None, anon: AnonOpt = False) -> None:
     """Teacher, tokenizer, encoding, rows, tokens, bytes per token and shards of a cache."""
+    from cache_format.manifest import printable
+
     s = cache_summary(path, _storage_options(endpoint_url, anon))
     if as_json:
-        typer.echo(json.dumps(s, indent=2))
+        typer.echo(json.dumps(s, indent=2))  # ensure_ascii: control characters come out as \u001b, never raw
         return
     t, tok, enc = s["teacher"], s["tokenizer"], s["encoding"]
     per_key = "bytes_per_token" if "bytes_per_token" in s else "bytes_per_row"
@@ -81,7 +83,8 @@ def info(path: Annotated[str, typer.Argument(help="Cache directory or URL (s3://
         else f"bytes      {s['bytes']}",
         f"shards     {s['shards']}   units {s['units']}",
     ]
-    typer.echo("\n".join(lines))
+    # Manifest strings come from whoever shared the cache: no escape sequence may reach the terminal.
+    typer.echo("\n".join(printable(line, 1000) for line in lines))
 
 
 @cache_app.command("verify")

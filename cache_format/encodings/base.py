@@ -9,14 +9,19 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from cache_format.errors import EncodingError, InvariantError, ShardCorruptError
-from cache_format.rows import DecodedRow, RowBlock, check_rows
+from cache_format.errors import EncodingError, ShardCorruptError
+from cache_format.rows import BatchRows, RowBlock, check_rows
 
 if TYPE_CHECKING:
     from cache_format.identity import CacheIdentity
 
 LIST_U8 = pa.list_(pa.uint8())
+# Everything Arrow (or numpy on Arrow's output) raises on a malformed file: flipped bits surface as
+# any of these, and each becomes a ShardCorruptError naming the shard, batch and column.
+ARROW_ERRORS = (pa.ArrowException, OSError, ValueError, IndexError, KeyError, TypeError, OverflowError,
+                MemoryError, RecursionError)
 
 
 def check_temperature(t: Any, where: str) -> None:
@@ -38,35 +43,60 @@ def plane_fields(prefix: str, id_bytes: int) -> list[pa.Field]:
 
 @dataclass
 class ShardColumns:
-    """The list columns of one record batch, read with the per-row length checks the spec requires."""
+    """The columns of one record batch, read with the per-row length checks the spec requires."""
 
     batch: pa.RecordBatch
     shard: str
     first_row: int
+
+    def _column(self, name: str) -> pa.Array:
+        col = self.batch.column(name)
+        if col.null_count or (hasattr(col, "values") and col.values.null_count):
+            raise ShardCorruptError(f"shard {self.shard} rows from {self.first_row}: column {name} has null values; "
+                                    "the spec forbids nulls there — re-dump it")
+        return col
 
     def lists(self, name: str, expected: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(values, offsets rebased to 0) of a list column, zero-copy where possible.
 
         ``expected``: the entry count each row must have; a mismatch means a corrupt shard.
         """
-        col = self.batch.column(name)
-        if col.null_count:
-            raise ShardCorruptError(f"shard {self.shard}: column {name} has null rows; the spec forbids nulls there")
-        offsets = col.offsets.to_numpy(zero_copy_only=False).astype(np.int64)
-        values = col.values.to_numpy(zero_copy_only=False)[offsets[0]:offsets[-1]]
+        try:
+            col = self._column(name)
+            offsets = col.offsets.to_numpy(zero_copy_only=False).astype(np.int64)
+            values = col.values.to_numpy(zero_copy_only=False)[offsets[0]:offsets[-1]]
+        except ARROW_ERRORS as exc:
+            raise self._unreadable(name, exc) from None
         offsets = offsets - offsets[0]
-        if expected is not None:
-            got = np.diff(offsets)
-            if not np.array_equal(got, expected):
-                r = int(np.flatnonzero(got != expected)[0])
-                raise ShardCorruptError(f"shard {self.shard} row {self.first_row + r}: column {name} has "
-                                        f"{int(got[r])} entries, expected {int(expected[r])}; the shard is corrupt "
-                                        "— re-dump it")
+        got = np.diff(offsets)
+        if (got < 0).any() or offsets[-1] != len(values):
+            raise ShardCorruptError(f"shard {self.shard} rows from {self.first_row}: column {name} has offsets that "
+                                    "go backwards or past its values; the shard is corrupt — re-dump it")
+        if expected is not None and not np.array_equal(got, expected):
+            r = int(np.flatnonzero(got != expected)[0])
+            raise ShardCorruptError(f"shard {self.shard} row {self.first_row + r}: column {name} has "
+                                    f"{int(got[r])} entries, expected {int(expected[r])}; the shard is corrupt "
+                                    "— re-dump it")
         return values, offsets
+
+    def strings(self, name: str) -> tuple[list[str], np.ndarray]:
+        """The values of a string column and their UTF-8 byte lengths."""
+        try:
+            col = self._column(name)
+            lengths = pc.binary_length(col).to_numpy(zero_copy_only=False)
+            return col.to_pylist(), lengths
+        except ARROW_ERRORS as exc:
+            raise self._unreadable(name, exc) from None
 
     def planes(self, prefix: str, id_bytes: int, expected: np.ndarray) -> list[np.ndarray]:
         """The token-id byte planes written by :func:`plane_fields`."""
         return [self.lists(f"{prefix}_b{b}", expected)[0] for b in range(id_bytes)]
+
+    def _unreadable(self, name: str, exc: BaseException) -> ShardCorruptError:
+        from cache_format.manifest import printable  # here: manifest imports this package
+
+        return ShardCorruptError(f"shard {self.shard} rows from {self.first_row}: column {name} cannot be decoded "
+                                 f"({printable(f'{type(exc).__name__}: {exc}')}); re-copy the cache or re-dump it")
 
 
 class EncodingFormat(ABC):
@@ -96,12 +126,16 @@ class EncodingFormat(ABC):
         """This encoding's columns for ``block`` (numeric checks happen here, in the writer's thread)."""
 
     @abstractmethod
-    def decode(self, cols: ShardColumns, enc: dict[str, Any], pos_offsets: np.ndarray) -> list[dict[str, Any]]:
-        """Per row, the ``DecodedRow`` fields this encoding fills; ``pos_offsets`` cut positions into rows."""
+    def max_entries(self, enc: dict[str, Any], rows: int, positions: int) -> dict[str, int]:
+        """Per list column, the most values a record batch of ``rows`` rows and ``positions`` positions holds."""
 
     @abstractmethod
-    def check_row(self, row: DecodedRow, encoding: Any, id_limit: int, where: str) -> None:
-        """Raise InvariantError naming ``where`` when a decoded row breaks this encoding's invariants."""
+    def decode(self, cols: ShardColumns, enc: dict[str, Any], ctx: BatchRows) -> list[dict[str, Any]]:
+        """Per row, the ``DecodedRow`` fields this encoding fills, after checking this encoding's row rules.
+
+        ``ctx.pos_offsets`` cut the positions into rows; a broken rule raises ``ctx.invalid(...)``
+        (vectorized over the batch: the first offending position is named).
+        """
 
     def check_batch(self, batch: Any, identity: CacheIdentity) -> RowBlock:
         """Structural checks of ``batch`` against ``identity``; returns the writer's internal form."""
@@ -111,18 +145,6 @@ class EncodingFormat(ABC):
         block = check_rows(batch, identity.id_limit or None, self.per_position)
         block.payload = self.check_payload(batch, identity.encoding, block)
         return block
-
-
-def check_token_row(row: DecodedRow, id_limit: int, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Invariants shared by the per-position encodings; returns (ids, logprobs, tail)."""
-    ids, lp, tail = row.ids, row.logprobs, row.tail
-    if ids is None or lp is None or tail is None:
-        raise InvariantError(f"{where}: ids/logprobs/tail missing")
-    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= id_limit):
-        raise InvariantError(f"{where}: a token id is outside [0, {id_limit})")
-    if not np.isfinite(tail).all() or (tail < 0).any() or (tail > 1).any():
-        raise InvariantError(f"{where}: tail mass outside [0, 1]")
-    return ids, lp, tail
 
 
 def check_matrix(a: np.ndarray, shape: tuple[int, int], what: str, expected: str, integer: bool = False) -> None:

@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from cache_format.encodings.base import (
     EncodingFormat,
@@ -16,8 +17,8 @@ from cache_format.encodings.base import (
     check_temperature,
     list_array,
 )
-from cache_format.errors import EncodingError, InvariantError
-from cache_format.rows import DecodedRow, RowBlock
+from cache_format.errors import EncodingError
+from cache_format.rows import BatchRows, RowBlock
 
 
 @dataclass(frozen=True)
@@ -86,12 +87,20 @@ class ClassLogitsFormat(EncodingFormat):
         lengths = np.full(block.num_rows, logits.shape[1], np.int64)
         return {"class_logits": list_array(logits.reshape(-1), lengths, pa.float32())}
 
-    def decode(self, cols: ShardColumns, enc: dict[str, Any], pos_offsets: np.ndarray) -> list[dict[str, Any]]:
-        n, c = len(pos_offsets) - 1, int(enc["num_classes"])
+    def max_entries(self, enc: dict[str, Any], rows: int, positions: int) -> dict[str, int]:
+        return {"class_logits": rows * int(enc["num_classes"])}
+
+    def decode(self, cols: ShardColumns, enc: dict[str, Any], ctx: BatchRows) -> list[dict[str, Any]]:
+        n, c = len(ctx.pos_offsets) - 1, int(enc["num_classes"])
         values, _ = cols.lists("class_logits", np.full(n, c))
         logits = values.astype(np.float32, copy=False).reshape(n, c)
+        bad = ~np.isfinite(logits).all(axis=1)
+        if ctx.positions.size:
+            bad |= np.diff(ctx.pos_offsets) > 0
+        if "label" in cols.batch.schema.names:
+            labels = pc.fill_null(cols.batch.column("label"), 0).to_numpy(zero_copy_only=False)
+            bad |= (labels < 0) | (labels >= c)
+        if bad.any():
+            raise ctx.invalid(ctx.row(int(np.flatnonzero(bad)[0])), "class logits are NaN/inf, the row has target "
+                              f"positions, or its label is outside [0, num_classes={c})")
         return [{"class_logits": logits[i]} for i in range(n)]
-
-    def check_row(self, row: DecodedRow, encoding: ClassLogitsEncoding, id_limit: int, where: str) -> None:
-        if row.class_logits is None or not np.isfinite(row.class_logits).all():
-            raise InvariantError(f"{where}: class_logits missing or non-finite")

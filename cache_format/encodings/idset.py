@@ -19,7 +19,7 @@ import pyarrow as pa
 from cache_format import codec
 from cache_format.encodings.base import LIST_U8, ShardColumns, list_array
 from cache_format.errors import EncodingError, ShardCorruptError, UnsupportedVersionError
-from cache_format.rows import RowBlock, make_locator
+from cache_format.rows import BatchRows, RowBlock, make_locator
 
 # "planes": the 1.0 layout (also meant when a shard encoding has no id_coding); "set": this module.
 ID_CODINGS = ("planes", "set")
@@ -32,6 +32,8 @@ GAP = "topk_set_gap"
 QMAX = "topk_qmax"
 QOFF = "topk_qoff"
 TOP = "topk_top"
+# The table is a dictionary batch: SPEC §5.1 caps a shard's dictionaries at 16 MiB (5.5M ids at 3 bytes).
+MAX_TABLE_BYTES = 16 * 1024 * 1024
 # Below this many distinct-id slots per stored id, id -> rank goes through a dense lookup array;
 # above it (huge vocabularies, few positions) through a sort, so memory follows the data, not the vocab.
 _DENSE_SLOTS_PER_ID = 8
@@ -248,13 +250,20 @@ def _top_first(ids: np.ndarray, q: np.ndarray, top: np.ndarray) -> np.ndarray:
 
 def set_fields(id_bytes: int) -> list[pa.Field]:
     """The set coding's columns in schema order; tail_code/norm_code end them, as in 1.0."""
-    return [pa.field(TABLE, pa.dictionary(pa.int32(), pa.binary()), nullable=True),
+    return [pa.field(TABLE, pa.dictionary(pa.int32(), pa.binary()), nullable=False),
             pa.field(GAP, LIST_U8, nullable=False),
             *[pa.field(f"{GAP}_x{b}", LIST_U8, nullable=False) for b in range(id_bytes)],
             pa.field(QMAX, LIST_U8, nullable=False), pa.field(QOFF, LIST_U8, nullable=False),
             pa.field(TOP, pa.list_(pa.uint16()), nullable=False),
             pa.field("tail_code", pa.list_(pa.uint16()), nullable=False),
             pa.field("norm_code", pa.list_(pa.int16()), nullable=False)]
+
+
+def set_max_entries(enc: dict[str, Any], positions: int) -> dict[str, int]:
+    """Per list column, the most values ``positions`` target positions allow (SPEC §5.1)."""
+    per_entry = positions * int(enc["k"])
+    return {GAP: per_entry, **{f"{GAP}_x{b}": per_entry for b in range(int(enc["id_bytes"]))}, QMAX: positions,
+            QOFF: per_entry, TOP: positions, "tail_code": positions, "norm_code": positions}
 
 
 def _per_row(flat_index: np.ndarray, entry_offsets: np.ndarray) -> np.ndarray:
@@ -268,6 +277,20 @@ def _offsets(lengths: np.ndarray) -> np.ndarray:
     return out
 
 
+def table_column(table: bytes, rows: int) -> pa.DictionaryArray:
+    """``topk_id_table``: dictionary [table, empty]; the shard's first row refers to the table, the others to empty.
+
+    No nulls (every spec column has none), and a row-wise reader (HF datasets, ``to_pylist``)
+    sees the table once per shard instead of once per row.
+    """
+    if len(table) > MAX_TABLE_BYTES:
+        raise EncodingError(f"the shard's rank table would take {len(table)} bytes, over the {MAX_TABLE_BYTES}-byte "
+                            "dictionary limit of SPEC §5.1; write smaller shards (max_shard_bytes) or id_coding='planes'")
+    indices = np.ones(rows, np.int32)
+    indices[:1] = 0
+    return pa.DictionaryArray.from_arrays(pa.array(indices), pa.array([table, b""], pa.binary()))
+
+
 def encode_set_columns(block: RowBlock, enc: dict[str, Any], id_limit: int) -> dict[str, pa.Array]:
     """The set coding's columns (plus tail_code/norm_code) for every row of ``block``: one table for all."""
     n_pos, k, id_bytes = block.positions_per_row(), int(enc["k"]), int(enc["id_bytes"])
@@ -278,8 +301,7 @@ def encode_set_columns(block: RowBlock, enc: dict[str, Any], id_limit: int) -> d
         s = encode_set(t.ids, t.q, id_bytes)
     except SetCodingError as exc:
         raise EncodingError(f"ids at {locate(exc.position)}: {exc.detail}") from None
-    indices = pa.array(np.zeros(block.num_rows, np.int32), mask=np.arange(block.num_rows) > 0)
-    cols = {TABLE: pa.DictionaryArray.from_arrays(indices, pa.array([pack_table(s.table, id_bytes)], pa.binary())),
+    cols = {TABLE: table_column(pack_table(s.table, id_bytes), block.num_rows),
             GAP: list_array(s.gap, n_pos * k, pa.uint8())}
     x_counts = _per_row(s.escapes, _offsets(n_pos * k))
     for b, plane in enumerate(s.gap_x):
@@ -293,18 +315,19 @@ def encode_set_columns(block: RowBlock, enc: dict[str, Any], id_limit: int) -> d
 
 
 def read_table(cols: ShardColumns, id_bytes: int) -> np.ndarray:
-    """The shard's rank table: the only value of the ``topk_id_table`` dictionary."""
+    """The shard's rank table: value 0 of the ``topk_id_table`` dictionary (any record batch, any slice)."""
     col = cols.batch.column(TABLE)
     if not (pa.types.is_dictionary(col.type) and pa.types.is_binary(col.type.value_type)):
         raise SetCodingError(TABLE, -1, f"has type {col.type}, expected dictionary<int32, binary>")
-    if len(col.dictionary) != 1 or not col.dictionary[0].is_valid:
-        raise SetCodingError(TABLE, -1, f"dictionary has {len(col.dictionary)} values, expected exactly one")
+    if not len(col.dictionary) or not col.dictionary[0].is_valid:
+        raise SetCodingError(TABLE, -1, "has no table (its dictionary's value 0 is missing)")
     return unpack_table(np.frombuffer(col.dictionary[0].as_buffer(), np.uint8), id_bytes)
 
 
-def decode_set_rows(cols: ShardColumns, enc: dict[str, Any], pos_offsets: np.ndarray) -> list[dict[str, Any]]:
-    """Per row, ``ids`` int32 [n, k], ``logprobs`` float32 [n, k] (descending) and ``tail`` float32 [n]."""
-    n_pos, k, id_bytes = np.diff(pos_offsets), int(enc["k"]), int(enc.get("id_bytes", 0))
+def decode_set_columns(cols: ShardColumns, enc: dict[str, Any], ctx: BatchRows
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ids int32 [n, k], log-probs float32 [n, k] and tail float32 [n] of a record batch (SPEC §3.1.1)."""
+    n_pos, k, id_bytes = np.diff(ctx.pos_offsets), int(enc["k"]), int(enc.get("id_bytes", 0))
     try:
         table = read_table(cols, id_bytes)
         gap, g_off = cols.lists(GAP, n_pos * k)
@@ -314,14 +337,11 @@ def decode_set_rows(cols: ShardColumns, enc: dict[str, Any], pos_offsets: np.nda
                              qoff=cols.lists(QOFF, n_pos * k)[0], top=cols.lists(TOP, n_pos)[0])
         ids, q = decode_set(streams, k)
     except SetCodingError as exc:
-        row = "" if exc.position < 0 else \
-            f" row {cols.first_row + int(np.searchsorted(pos_offsets, exc.position, side='right')) - 1}"
-        raise ShardCorruptError(f"shard {cols.shard}{row}: column {exc.column} {exc.detail}; the shard is corrupt "
-                                "— re-dump it") from None
+        where = f"shard {cols.shard} rows from {cols.first_row}" if exc.position < 0 else ctx.position(exc.position)
+        raise ShardCorruptError(f"{where}: column {exc.column} {exc.detail}; the shard is corrupt — re-dump "
+                                "it") from None
     tail_code, _ = cols.lists("tail_code", n_pos)
     norm_code, _ = cols.lists("norm_code", n_pos)
     logprobs = np.multiply(q, np.float32(-float(enc["value_step"])), dtype=np.float32)
     logprobs -= (norm_code.astype(np.float32) * np.float32(1.0 / codec.NORM_SCALE))[:, None]
-    tail = codec.decode_tail(tail_code).astype(np.float32)
-    cuts = zip(pos_offsets[:-1].tolist(), pos_offsets[1:].tolist(), strict=True)
-    return [{"ids": ids[a:b], "logprobs": logprobs[a:b], "tail": tail[a:b]} for a, b in cuts]
+    return ids, logprobs, codec.decode_tail(tail_code).astype(np.float32)

@@ -16,12 +16,11 @@ from cache_format.encodings.base import (
     ShardColumns,
     check_matrix,
     check_temperature,
-    check_token_row,
     list_array,
     plane_fields,
 )
-from cache_format.errors import EncodingError, InvariantError
-from cache_format.rows import DecodedRow, RowBlock, make_locator
+from cache_format.errors import EncodingError
+from cache_format.rows import BatchRows, RowBlock, make_locator
 
 # Largest draw count a ``sampled`` cache supports: counts are stored as uint8.
 MAX_NUM_DRAWS = 255
@@ -86,27 +85,37 @@ class SampledFormat(EncodingFormat):
             cols[f"sampled_id_b{b}"] = list_array(plane, per_row_unique, pa.uint8())
         return cols
 
-    def decode(self, cols: ShardColumns, enc: dict[str, Any], pos_offsets: np.ndarray) -> list[dict[str, Any]]:
+    def max_entries(self, enc: dict[str, Any], rows: int, positions: int) -> dict[str, int]:
+        most = positions * int(enc["num_draws"])  # at most N unique ids per position
+        return {"sampled_num_unique": positions, "sampled_counts": most,
+                **{f"sampled_id_b{b}": most for b in range(int(enc["id_bytes"]))}}
+
+    def decode(self, cols: ShardColumns, enc: dict[str, Any], ctx: BatchRows) -> list[dict[str, Any]]:
+        pos_offsets, num_draws = ctx.pos_offsets, int(enc["num_draws"])
         num_unique, _ = cols.lists("sampled_num_unique", np.diff(pos_offsets))
         cum = np.concatenate([[0], np.cumsum(num_unique, dtype=np.int64)])
         per_row = cum[pos_offsets[1:]] - cum[pos_offsets[:-1]]
         counts, c_off = cols.lists("sampled_counts", per_row)
         planes = cols.planes("sampled_id", int(enc.get("id_bytes", 0)), per_row)
-        num_draws = int(enc["num_draws"])
+        check_sampled(ctx, num_unique, counts, cum, num_draws)
+        uids = codec.join_planes(planes) if len(counts) else np.zeros(0, np.int32)
+        ctx.check_ids(uids, cum, "a sampled")
         rows = []
         for i in range(len(pos_offsets) - 1):
             a, b = int(pos_offsets[i]), int(pos_offsets[i + 1])
             ca, cb = int(c_off[i]), int(c_off[i + 1])
-            ids, cnt, lps, tail = codec.decode_sampled(num_unique[a:b], counts[ca:cb], [p[ca:cb] for p in planes],
+            ids, cnt, lps, tail = codec.decode_sampled(num_unique[a:b], counts[ca:cb], uids[ca:cb],
                                                        num_draws=num_draws)
             rows.append({"ids": ids, "logprobs": lps, "tail": tail, "counts": cnt})
         return rows
 
-    def check_row(self, row: DecodedRow, encoding: SampledEncoding, id_limit: int, where: str) -> None:
-        check_token_row(row, id_limit, where)
-        counts = row.counts if row.counts is not None else np.zeros((0, 0))
-        sums = counts.sum(axis=1) if counts.size else np.zeros(0)
-        if (sums != encoding.num_draws).any():
-            t = int(np.flatnonzero(sums != encoding.num_draws)[0])
-            raise InvariantError(f"{where} position {int(row.positions[t])}: counts sum to {int(sums[t])}, "
-                                 f"not num_draws={encoding.num_draws}")
+
+def check_sampled(ctx: BatchRows, num_unique: np.ndarray, counts: np.ndarray, cum: np.ndarray, num_draws: int) -> None:
+    """Counts in [1, N] summing to N at every position (``cum``: running total of ``num_unique``)."""
+    if not num_unique.size:
+        return
+    bad = np.flatnonzero((counts == 0) | (counts > num_draws))
+    if bad.size:
+        raise ctx.invalid(ctx.entry_position(cum, int(bad[0])), f"a sampled count is 0 or above num_draws={num_draws}")
+    sums = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+    ctx.check(sums[cum[1:]] - sums[cum[:-1]] != num_draws, f"sampled counts do not sum to num_draws={num_draws}")

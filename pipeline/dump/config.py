@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Literal
 
@@ -9,6 +10,7 @@ from pydantic import Field, field_validator, model_validator
 
 from pipeline.config import StrictModel, cli_flags
 from pipeline.dump.datasets import DatasetFormat
+from pipeline.dump.lm import BosPolicy
 from pipeline.dump.tasks import Task
 
 
@@ -44,7 +46,24 @@ class DumpConfig(StrictModel):
     template: str | None = Field(None, description="Prompt template with {text}; default: the task's template.")
     chat_template: bool = Field(False, description="Wrap prompts in the tokenizer's chat template; off because "
                                                    "base models have none.")
-    pack: bool = Field(True, description="LM: pack documents into full windows (no compute spent on padding).")
+    pack: bool = Field(True, description="LM: pack documents, separated by EOS, into full windows (no compute spent "
+                                         "on padding; attention crosses document boundaries inside a window); "
+                                         "--no-pack: one document per row.")
+    bos: BosPolicy = Field("auto", description="BOS at the start of every LM window (a context slot, never a "
+                                               "target) and of prompt/classification rows: auto follows the "
+                                               "tokenizer (add_bos_token, or tokenizer('x') starts with BOS), "
+                                               "because a teacher trained with BOS predicts worse without it; "
+                                               "always (error if the tokenizer has none); never.")
+    stride: int | None = Field(None, ge=1, description="LM: new tokens (targets) per window, 1..max-length - 1; "
+                                                       "the rest of the row is the tokens just before them, so "
+                                                       "every target after the first window sees at least "
+                                                       "max-length - stride tokens of context (BOS included). "
+                                                       "Default: 3/4 of --max-length (1.33x the teacher's forward work "
+                                                       "per target, ~+0.2% bytes per position): on SmolLM2-135M, "
+                                                       "wikitext-2, 256-token windows, it cut the mean teacher NLL "
+                                                       "by 9.6% (7/8: 6.3% at 1.12x; 1/2: 11% at 1.93x), and "
+                                                       "that of window-start tokens from 7.4 to 3.7 nats "
+                                                       "(benchmarks/context.py).")
     max_length: int = Field(512, ge=2, description="Tokens per row; 512 fits small teachers' context (cut to the "
                                                    "model's if larger).")
 
@@ -107,6 +126,10 @@ class DumpConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> DumpConfig:
+        # inf passes a gt=0 bound (a temperature option, say) and would reach the teacher as a number.
+        bad = next((name for name, value in self if isinstance(value, float) and not math.isfinite(value)), None)
+        if bad is not None:
+            raise ValueError(f"--{bad.replace('_', '-')} must be a finite number, got {getattr(self, bad)}")
         if self.worker_index >= self.num_workers:
             raise ValueError(
                 f"--worker-index {self.worker_index} must be below --num-workers {self.num_workers} (0-based)"

@@ -46,6 +46,15 @@ _EXT_FORMAT: dict[str, DatasetFormat] = {
     ".text": "text",
 }
 _SST2_LINE = re.compile(r"^\s*(-?\d+)\s+(\S.*?)\s*$")
+# How each format becomes rows, recorded in the identity so a row number leads back to the source.
+ROW_RULES: dict[str, str] = {
+    "text": "one row per line of the UTF-8 file (str.splitlines()), blank lines kept, field 'text'",
+    "sst2": "one row per non-blank line '<label> <sentence>', fields 'label' and 'sentence'",
+    "json": "one row per JSON object (JSON lines or a JSON array), nested fields flattened to dotted names",
+    "parquet": "one row per Parquet row, nested fields flattened to dotted names",
+    "csv": "one row per CSV record (header names the fields)",
+    "hf": "one row per datasets.Dataset row in its order, struct fields flattened to dotted names",
+}
 
 
 @dataclass
@@ -59,6 +68,7 @@ class LoadedDataset:
     config: str | None
     split: str | None
     fingerprint: str
+    format: str | None = None  # a ROW_RULES key
 
     @property
     def field_names(self) -> list[str]:
@@ -81,6 +91,8 @@ class LoadedDataset:
             "split": self.split,
             "fingerprint": self.fingerprint,
             "num_rows": self.num_rows,
+            "format": self.format,
+            "rows": ROW_RULES.get(self.format or ""),
         }
 
 
@@ -241,6 +253,7 @@ def _load_local(path: Path, split: str, fmt: DatasetFormat, limit: int | None) -
         config=None,
         split=split if path.is_dir() else None,
         fingerprint=_file_fingerprint([file], f"format={kind};limit={limit}"),
+        format=kind,
     )
 
 
@@ -266,6 +279,7 @@ def _from_hf(ds: Any, source: str, name: str, config: str | None, split: str | N
         config=config,
         split=split,
         fingerprint=f"hf:{getattr(ds, '_fingerprint', 'unknown')};limit={limit}",
+        format="hf",
     )
 
 

@@ -5,7 +5,8 @@ Flow (each step a ``_setup_*`` function, then one loop):
 1. the output folder: create, ``--overwrite``, or resume an earlier run of the same settings;
 2. tokenizer and the teacher's config (cheap: k, vocabulary and context are checked before the
    model loads);
-3. dataset -> recipe -> examples, in dataset order (``sample_id`` = the row / window index);
+3. dataset -> recipe -> examples, in dataset order (``sample_id`` = the row index, or an LM
+   window's provenance ``doc<D>:tok<T>@doc<D0>:tok<T0>``);
 4. the cache identity; a resume into a cache with other settings is refused naming the setting;
 5. the teacher backend; then the work loop.
 
@@ -75,20 +76,30 @@ class _Output:
 
 
 def _setup_output(cfg: DumpConfig) -> _Output:
+    """Create, overwrite or resume: decided (and refused) before any work; nothing is deleted here."""
     from cache_format import CacheError, read_identity
     from cache_format.manifest import INCOMPLETE_MARKER, MANIFEST_NAME
+    from pipeline.dump.output import foreign_entries, is_own_temp
 
     path = Path(cfg.out).expanduser()
+    if path.is_symlink() and not path.exists():
+        raise ConfigError(f"--out {path} is a symbolic link to a missing target; remove it or give a real folder")
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--out {path} exists and is not a folder; choose a folder path")
-    entries = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    entries = sorted(path.iterdir()) if path.is_dir() else []
     if not entries:
         return _Output(path, "create", None)
-    if MANIFEST_NAME not in entries and INCOMPLETE_MARKER not in entries:
-        raise ConfigError(
-            f"--out {path} is not empty and holds no kdpipe cache; choose an empty or new folder"
-        )
+    names = [p.name for p in entries]
+    if MANIFEST_NAME not in names and INCOMPLETE_MARKER not in names:
+        if all(is_own_temp(p) for p in entries):
+            # A dump stopped before its marker was in place: only kdpipe's temp files, no work to keep.
+            return _Output(path, "overwrite", None)
+        raise ConfigError(f"--out {path} is not empty and holds no kdpipe cache; choose an empty or new folder")
     if cfg.overwrite:
+        foreign = foreign_entries(path)
+        if foreign:
+            raise ConfigError(f"--overwrite refused: --out {path} holds {foreign[0]!r}, which kdpipe did not write; "
+                              "nothing was deleted — move it out of the cache folder or choose another --out")
         return _Output(path, "overwrite", None)
     try:
         stored = read_identity(path)
@@ -157,13 +168,14 @@ def _setup_examples(cfg: DumpConfig, tok: Any, info: _ModelInfo, max_length: int
     rcfg = RecipeConfig(
         task=cfg.task, max_length=max_length, text_field=cfg.text_field, label_field=cfg.label_field,
         response_field=cfg.response_field, fallback_field=cfg.fallback_field, template=cfg.template,
-        chat_template=cfg.chat_template, pack=cfg.pack, teacher_generates=cfg.teacher_generates,
-    ).resolved()
+        chat_template=cfg.chat_template, pack=cfg.pack, teacher_generates=cfg.teacher_generates, bos=cfg.bos,
+        stride=cfg.stride,
+    )
     label2id = {v: k for k, v in info.id2label.items()} if info.id2label else None
     result = build_examples(ds, tok, rcfg, label2id)
     if not result.examples:
         raise DatasetError(f"dataset {ds.source} gave no rows to distill; check --text-field and --limit")
-    return ds, result, rcfg
+    return ds, result, rcfg.resolved()
 
 
 def _encoding(cfg: DumpConfig, info: _ModelInfo) -> Any:
@@ -225,7 +237,7 @@ def _teacher_identity(cfg: DumpConfig, info: _ModelInfo) -> dict[str, Any]:
 def _setup_identity(cfg: DumpConfig, tok: Any, info: _ModelInfo, ds: Any, rcfg: RecipeConfig, max_length: int) -> Any:
     from cache_format.identity import tokenizer_fingerprint
 
-    recipe = rcfg.identity()
+    recipe = rcfg.identity(tok)
     recipe["max_length"] = max_length
     # Units fix which rows form a shard and which worker does what: resuming or merging with
     # other values would mix two layouts, so they are compared like the recipe.
@@ -246,7 +258,10 @@ def _setup_identity(cfg: DumpConfig, tok: Any, info: _ModelInfo, ds: Any, rcfg: 
 
 
 def _check_resume(cfg: DumpConfig, out: _Output, identity: Any) -> None:
-    """Refuse to resume into a cache made with other settings, naming the first ones that differ."""
+    """Refuse to resume into a cache made with other settings, naming the first ones that differ; then
+    re-check the finished units' shards and have the writer redo those missing or damaged."""
+    from pipeline.dump.output import repair_units
+
     if out.mode != "resume" or out.previous is None:
         return
     stored = out.previous
@@ -260,6 +275,8 @@ def _check_resume(cfg: DumpConfig, out: _Output, identity: Any) -> None:
             + "; ".join(diffs[:5]) + " — rerun with the same settings to resume, pass --overwrite to replace it, "
             "or choose another --out"
         )
+    for problem in repair_units(out.path, identity):
+        print(f"note: {problem}; its unit is dumped again", file=sys.stderr)
 
 
 def _setup_backend(cfg: DumpConfig, tok: Any, max_length: int) -> Any:

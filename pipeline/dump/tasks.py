@@ -3,21 +3,29 @@
 Position convention (docs/ARCHITECTURE.md): position ``t`` holds the distribution of the token
 *after* ``input_ids[: t + 1]``, so the position that predicts token ``j`` is ``j - 1``.
 
-- ``lm``: documents (non-empty texts) are tokenized, each followed by EOS, and **packed**
-  into one stream cut into windows of ``max_length`` tokens (no padding is wasted and every
-  window is full except the last; a document may span two windows, which is counted as
-  ``split_documents``). ``pack=False`` keeps documents apart instead: each document becomes one
-  or more windows of its own. Targets are ``0 .. T-2`` (the last token's successor is not in the
-  row, so it has no hard label).
-- ``classification``: the text, truncated to ``max_length``; no positions (the cache stores class
-  logits), the gold label kept when the dataset has one.
+- ``lm``: documents (non-blank texts) are tokenized without special tokens, each followed by
+  EOS, and **packed** into one stream cut into windows of ``max_length`` tokens, each opened by
+  BOS when one is in use (``bos``), consecutive windows overlapping so that only the ``stride``
+  new tokens of a window are targets (see :mod:`pipeline.dump.lm`; a document spanning a window
+  boundary is counted as ``split_documents``). ``pack=False`` keeps documents apart instead: each
+  document becomes one or more windows of its own. ``sample_id`` is the row's provenance,
+  ``doc<D>:tok<T>@doc<D0>:tok<T0>``.
+- ``classification``: the text tokenized with the tokenizer's own special tokens, truncated to
+  ``max_length``; no positions (the cache stores class logits), the gold label kept when the
+  dataset has one.
 - ``summarization`` / ``reasoning``: ``template`` with ``{text}`` replaced by the document /
   question forms the prompt (through the tokenizer's chat template with ``chat_template``), the
   response (reference summary / answer, or the teacher's own answer with ``--teacher-generates``)
-  follows, ended with EOS so the student learns to stop. Targets are the positions predicting
+  follows, ended with EOS so the student learns to stop. The prompt carries the tokenizer's own
+  special tokens (``add_special_tokens=True``; with ``chat_template`` the template's own markers,
+  tokenized with ``add_special_tokens=False``); the response none. Targets are the positions predicting
   response tokens: ``len(prompt) - 1 .. T - 2``. Too-long rows lose prompt tokens from the left
   (after BOS; the end of the prompt carries the instruction cue), then response tokens from the
   right, and are counted as ``truncated``.
+
+BOS outside ``lm`` (``bos``): ``auto`` keeps the tokenizer's or template's own leading BOS,
+``always`` adds one where they gave none, ``never`` removes it; a row never starts with two.
+Rows of these tasks keep their dataset row index as ``sample_id``.
 """
 
 from __future__ import annotations
@@ -28,6 +36,14 @@ from typing import Any, Literal
 import numpy as np
 
 from pipeline.dump.datasets import LoadedDataset
+from pipeline.dump.lm import (
+    BosPolicy,
+    default_stride,
+    lm_recipe_facts,
+    lm_rows,
+    normalize_bos,
+    resolve_bos,
+)
 from pipeline.errors import ConfigError, DatasetError
 
 Task = Literal["lm", "classification", "summarization", "reasoning"]
@@ -67,6 +83,8 @@ class RecipeConfig:
     chat_template: bool = False
     pack: bool = True
     teacher_generates: bool = False
+    bos: BosPolicy = "auto"
+    stride: int | None = None  # lm only; None: default_stride(max_length)
 
     def resolved(self) -> RecipeConfig:
         """A copy with every task default filled in (this is what the cache identity records)."""
@@ -82,10 +100,14 @@ class RecipeConfig:
             chat_template=self.chat_template,
             pack=self.pack,
             teacher_generates=self.teacher_generates,
+            bos=self.bos,
+            stride=(default_stride(self.max_length) if self.stride is None else self.stride) if t == "lm" else None,
         )
 
-    def identity(self) -> dict[str, Any]:
+    def identity(self, tokenizer: Any) -> dict[str, Any]:
+        """The ``recipe`` part of the cache identity: every fact needed to rebuild a row from the dataset."""
         r = self.resolved()
+        bos_id = resolve_bos(tokenizer, r.bos)
         return {
             "task": r.task,
             "template": r.template,
@@ -99,6 +121,16 @@ class RecipeConfig:
                 "response": r.response_field,
                 "fallback": r.fallback_field,
             },
+            "bos": r.bos,
+            "bos_id": bos_id,
+            # How the texts were tokenized: lm documents bare (BOS/EOS added by the recipe), prompts and
+            # classification texts with the tokenizer's own special tokens (chat templates write theirs).
+            "add_special_tokens": r.task != "lm" and not r.chat_template,
+            "lm": lm_recipe_facts(tokenizer, bos_id=bos_id, stride=r.stride, pack=r.pack) if r.task == "lm" else None,
+            "response": {  # the text after the prompt: separator + response.strip(), bare, then EOS
+                "separator": response_separator(r.chat_template), "add_special_tokens": False,
+                "eos_after": tokenizer.eos_token_id is not None,
+            } if r.task in ("summarization", "reasoning") else None,
         }
 
 
@@ -106,12 +138,13 @@ class RecipeConfig:
 class Example:
     """One cache row before the teacher runs.
 
+    ``sample_id``: the dataset row index, or (``lm``) the window's provenance string;
     ``input_ids``: int32 [T]; ``positions``: int32 [n_pos], strictly increasing, < T;
     ``prompt_len``: tokens before the response (summarization/reasoning), used to rebuild the
     row when the teacher generates its own response.
     """
 
-    sample_id: int
+    sample_id: int | str
     input_ids: np.ndarray
     positions: np.ndarray
     label: int | None = None
@@ -124,6 +157,12 @@ class RecipeResult:
     stats: dict[str, int] = field(default_factory=dict)
 
 
+def response_separator(chat_template: bool) -> str:
+    """What goes between prompt and response: a space after a plain template's cue ("TL;DR:", "Answer:"),
+    nothing after a chat template's generation prompt (it ends with the turn marker)."""
+    return "" if chat_template else " "
+
+
 def _check_template(template: str) -> None:
     if "{text}" not in template:
         raise ConfigError(f"--template must contain '{{text}}' where the document goes; got {template!r}")
@@ -133,6 +172,12 @@ def _token_lists(tokenizer: Any, texts: list[str], *, special: bool) -> list[lis
     if not texts:
         return []
     return tokenizer(texts, add_special_tokens=special)["input_ids"]
+
+
+def _with_bos(tokenizer: Any, rows: list[list[int]], policy: str) -> list[list[int]]:
+    """Rows tokenized with the tokenizer's own special tokens, their leading BOS set by ``--bos``."""
+    resolve_bos(tokenizer, policy)  # --bos always without a BOS token fails here, naming the flag
+    return [normalize_bos(list(r), tokenizer.bos_token_id, policy) for r in rows]
 
 
 def _as_text(values: list[Any], field_name: str, flag: str, source: str) -> list[str]:
@@ -151,41 +196,19 @@ def _as_text(values: list[Any], field_name: str, flag: str, source: str) -> list
 
 
 def build_lm(ds: LoadedDataset, tokenizer: Any, cfg: RecipeConfig) -> RecipeResult:
-    """Windows of ``max_length`` tokens over the documents; every position but the last is a target."""
-    texts = _as_text(ds.column(cfg.text_field or "text", "--text-field"), cfg.text_field or "text",
-                     "--text-field", ds.source)
-    docs = [t for t in texts if t.strip()]
-    if not docs:
-        raise DatasetError(f"dataset {ds.source} field '{cfg.text_field}' (--text-field) holds only empty texts")
+    """Overlapping windows of ``max_length`` tokens over the documents (:mod:`pipeline.dump.lm`)."""
+    field_name = cfg.text_field or "text"
+    texts = _as_text(ds.column(field_name, "--text-field"), field_name, "--text-field", ds.source)
+    rows = [i for i, t in enumerate(texts) if t.strip()]
+    if not rows:
+        raise DatasetError(f"dataset {ds.source} field '{field_name}' (--text-field) holds only empty texts")
     eos = tokenizer.eos_token_id
     token_docs = [np.asarray([*ids, eos] if eos is not None else ids, dtype=np.int32)
-                  for ids in _token_lists(tokenizer, docs, special=True)]
-    L = cfg.max_length
-    windows: list[np.ndarray] = []
-    split_docs = 0
-    if cfg.pack:
-        stream = np.concatenate(token_docs)
-        bounds = np.cumsum([len(d) for d in token_docs])
-        starts = np.arange(0, len(stream), L)
-        windows = [stream[s : s + L] for s in starts]
-        # A document is split when some window boundary falls strictly inside it.
-        doc_starts = bounds - np.asarray([len(d) for d in token_docs])
-        first_cut_after_start = np.searchsorted(starts, doc_starts, side="right")
-        has_cut = first_cut_after_start < len(starts)
-        cut_pos = starts[np.minimum(first_cut_after_start, len(starts) - 1)]
-        split_docs = int(np.sum(has_cut & (cut_pos < bounds)))
-    else:
-        for d in token_docs:
-            if len(d) > L:
-                split_docs += 1
-            windows.extend(d[s : s + L] for s in range(0, len(d), L))
-    # A window of one token has no target (nothing is known after it within the row).
-    windows = [w for w in windows if len(w) >= 2]
-    examples = [
-        Example(sample_id=i, input_ids=w, positions=np.arange(len(w) - 1, dtype=np.int32))
-        for i, w in enumerate(windows)
-    ]
-    return RecipeResult(examples, {"documents": len(docs), "split_documents": split_docs, "truncated": 0})
+                  for ids in _token_lists(tokenizer, [texts[i] for i in rows], special=False)]
+    windows, split_docs = lm_rows(token_docs, rows, max_length=cfg.max_length, stride=cfg.stride,
+                                  bos_id=resolve_bos(tokenizer, cfg.bos), pack=cfg.pack)
+    examples = [Example(sample_id=w.sample_id, input_ids=w.input_ids, positions=w.positions) for w in windows]
+    return RecipeResult(examples, {"documents": len(rows), "split_documents": split_docs, "truncated": 0})
 
 
 def _label_ids(values: list[Any], label2id: dict[str, int] | None, source: str, field_name: str) -> list[int | None]:
@@ -217,7 +240,7 @@ def build_classification(
         labels = _label_ids(ds.columns[cfg.label_field], label2id, ds.source, cfg.label_field)
     elif cfg.label_field and cfg.label_field != "label":
         ds.column(cfg.label_field, "--label-field")  # raises the listing error: it was asked for explicitly
-    ids = _token_lists(tokenizer, texts, special=True)
+    ids = _with_bos(tokenizer, _token_lists(tokenizer, texts, special=True), cfg.bos)
     truncated = sum(len(x) > cfg.max_length for x in ids)
     examples = [
         Example(sample_id=i, input_ids=np.asarray(x[: cfg.max_length], dtype=np.int32),
@@ -236,7 +259,7 @@ def render_prompts(tokenizer: Any, texts: list[str], cfg: RecipeConfig) -> list[
     _check_template(template)
     prompts = [template.replace("{text}", t) for t in texts]
     if not cfg.chat_template:
-        return _token_lists(tokenizer, prompts, special=True)
+        return _with_bos(tokenizer, _token_lists(tokenizer, prompts, special=True), cfg.bos)
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError(
             f"--chat-template was given but tokenizer {getattr(tokenizer, 'name_or_path', '')} has no chat "
@@ -246,8 +269,8 @@ def render_prompts(tokenizer: Any, texts: list[str], cfg: RecipeConfig) -> list[
         tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
         for p in prompts
     ]
-    # The chat template already writes BOS and the turn markers.
-    return _token_lists(tokenizer, rendered, special=False)
+    # The chat template already writes BOS (if its model uses one) and the turn markers.
+    return _with_bos(tokenizer, _token_lists(tokenizer, rendered, special=False), cfg.bos)
 
 
 def fit_prompt_response(
@@ -303,7 +326,7 @@ def build_prompt_response(ds: LoadedDataset, tokenizer: Any, cfg: RecipeConfig) 
         return RecipeResult(examples, {"truncated": truncated, "skipped": 0})
     resp_field = cfg.response_field or ""
     responses = _as_text(ds.column(resp_field, "--response-field"), resp_field, "--response-field", ds.source)
-    sep = "" if cfg.chat_template else " "
+    sep = response_separator(cfg.chat_template)
     resp_ids = _token_lists(tokenizer, [sep + r.strip() for r in responses], special=False)
     examples: list[Example] = []
     truncated = skipped = 0
@@ -328,7 +351,9 @@ def build_prompt_response(ds: LoadedDataset, tokenizer: Any, cfg: RecipeConfig) 
 def build_examples(
     ds: LoadedDataset, tokenizer: Any, cfg: RecipeConfig, label2id: dict[str, int] | None = None
 ) -> RecipeResult:
-    """Dispatch on ``cfg.task``; rows come out in dataset order with ``sample_id`` = their index."""
+    """Dispatch on ``cfg.task``; rows come out in dataset order, ``sample_id`` = their row index (lm: provenance)."""
+    if cfg.stride is not None and cfg.task != "lm":
+        raise ConfigError(f"--stride applies to --task lm (overlapping LM windows), not {cfg.task}; drop --stride")
     cfg = cfg.resolved()
     if cfg.max_length < 2:
         raise ConfigError(f"--max-length must be at least 2 tokens, got {cfg.max_length}")

@@ -8,6 +8,7 @@ from pydantic import Field, field_validator, model_validator
 
 from pipeline.config import StrictModel, cli_flags
 from pipeline.dump.datasets import DatasetFormat
+from pipeline.dump.lm import BosPolicy
 from pipeline.dump.tasks import Task
 
 GenerationBackend = Literal["auto", "hf", "vllm"]
@@ -34,6 +35,13 @@ class EvalConfig(StrictModel):
     template: str | None = Field(None, description="Prompt template with {text}; default: the task's template.")
     chat_template: bool = Field(False, description="Wrap prompts in the tokenizer's chat template; off because "
                                                    "base models have none.")
+    bos: BosPolicy = Field("auto", description="BOS at the start of every LM window and prompt row, as in "
+                                               "dump-teacher --bos; auto follows the tokenizer, so eval sees what "
+                                               "the cache's teacher saw.")
+    stride: int | None = Field(None, ge=1, description="LM: new tokens (scored targets) per window, as in "
+                                                       "dump-teacher --stride; default 3/4 of --max-length, the "
+                                                       "dump's default, so perplexities are comparable with the "
+                                                       "cache's rows.")
     max_length: int = Field(512, ge=2, description="Tokens per row; 512 is the dump's default window, so LM "
                                                    "numbers are comparable with the cache's rows.")
     batch_size: int = Field(8, ge=1, description="Rows per forward / generate call; 8 fits a 7B model's "
@@ -50,6 +58,12 @@ class EvalConfig(StrictModel):
         "float32", description="Model dtype; float32 gives exact numbers on CPU (bfloat16 for large models on GPU).")
     teacher: str | None = Field(None, description="Teacher model: adds top-1 agreement and KL.")
     cache: str | None = Field(None, description="Teacher cache (path or URL): agreement on the cache's rows.")
+    verify_checksums: bool = Field(True, description="With --cache: check each shard's sha256 against the "
+                                                     "manifest as it is read (a shared cache is untrusted input); "
+                                                     "--no-verify-checksums only for a trusted local cache.")
+    allow_vocab_mismatch: bool = Field(False, description="With --cache: accept a model whose tokenizer "
+                                                          "fingerprint differs from the cache's (as train-student "
+                                                          "does); off: it must match exactly.")
     json_path: str | None = Field(None, json_schema_extra=cli_flags("--json"),
                                   description="Write the result (and config) as JSON here.")
     compare: list[str] | None = Field(None, description="NAME=PATH or PATH (a model, or an earlier --json result); "

@@ -3,7 +3,9 @@
 Per task (rows come from the same recipes the dump uses, so "the held-out set" means the
 same thing everywhere):
 
-- ``lm``: perplexity, next-token accuracy@1 and @5 over packed windows of ``max_length``;
+- ``lm``: perplexity, next-token accuracy@1 and @5 over the dump's LM windows of ``max_length``
+  (BOS per window as the tokenizer does, overlapping by the default stride; each token scored
+  once, on the window's target positions);
 - ``classification``: accuracy against the dataset's labels;
 - ``summarization``: BLEU and ROUGE-1/2/L (evaluate's definitions, see ``pipeline.eval.metrics``)
   of greedy generations against the reference summaries;
@@ -62,6 +64,8 @@ def evaluate_model(cfg: EvalConfig, engine: Any = None) -> dict[str, Any]:
     if not cfg.dataset and not cfg.cache:
         raise ConfigError("pass --dataset to score the model (or --cache to measure agreement with a teacher cache)")
     model, tokenizer, params = _setup_model(cfg, runtime)
+    if cfg.cache:
+        _check_cache_tokenizer(cfg, tokenizer)
     result: dict[str, Any] = {
         "model": cfg.model,
         "task": cfg.task,
@@ -160,6 +164,10 @@ def _recipe(cfg: EvalConfig, *, max_length: int, teacher_generates: bool = False
         template=cfg.template,
         chat_template=cfg.chat_template,
         teacher_generates=teacher_generates,
+        # The dump's rules and defaults (BOS per window, overlapping windows), so a model's LM numbers are
+        # measured on the windows a cache of the same data targets; set when the eval config carries them.
+        bos=cfg.bos,
+        stride=cfg.stride if cfg.task == "lm" else None,
     )
 
 
@@ -197,10 +205,14 @@ def _eval_lm(cfg: EvalConfig, ds: Any, model: Any, tokenizer: Any, runtime: Runt
     examples = build_examples(ds, tokenizer, _recipe(cfg, max_length=cfg.max_length)).examples
     stats = metrics.LMStats()
     with torch.inference_mode():
-        for _, ids, mask in _padded_batches(examples, cfg, tokenizer, runtime):
+        for batch, ids, mask in _padded_batches(examples, cfg, tokenizer, runtime):
             logits = model(input_ids=ids, attention_mask=mask).logits
-            # logits[:, t] predicts ids[:, t + 1]; score where both ends are real tokens.
-            stats.add(metrics.lm_token_stats(logits[:, :-1], ids[:, 1:], mask[:, 1:]))
+            # logits[:, t] predicts ids[:, t + 1]; only the rows' target positions are scored, so a token
+            # that is context in one overlapping window and target in the next counts once.
+            targets = torch.zeros_like(mask[:, 1:], dtype=torch.bool)
+            for i, e in enumerate(batch):
+                targets[i, torch.as_tensor(e.positions, dtype=torch.long, device=targets.device)] = True
+            stats.add(metrics.lm_token_stats(logits[:, :-1], ids[:, 1:], targets))
     return {"num_examples": len(examples), "metrics": stats.summary()}
 
 
@@ -351,7 +363,7 @@ def _agreement_with_cache(cfg: EvalConfig, model: Any, runtime: Runtime) -> dict
 
     from cache_format import open_cache
 
-    reader = open_cache(cfg.cache)
+    reader = open_cache(cfg.cache, verify_checksums=cfg.verify_checksums)
     vocab = _model_vocab(model)
     stats = metrics.AgreementStats()
     with torch.inference_mode():
@@ -376,6 +388,21 @@ def _agreement_with_cache(cfg: EvalConfig, model: Any, runtime: Runtime) -> dict
     if stats.positions == 0:
         raise DatasetError(f"cache {cfg.cache} has no rows to compare with; check --cache and --limit")
     return stats.summary()
+
+
+def _check_cache_tokenizer(cfg: EvalConfig, tokenizer: Any) -> None:
+    """Refuse (before any work) a model whose tokenizer is not the cache's: its token ids would be compared
+    with another vocabulary's. The same rule and flag as ``train-student``."""
+    from cache_format import open_cache, tokenizer_fingerprint
+
+    info = open_cache(cfg.cache).manifest.identity.tokenizer or {}
+    expected, actual = info.get("fingerprint"), tokenizer_fingerprint(tokenizer)
+    if expected and expected != actual and not cfg.allow_vocab_mismatch:
+        raise ModelError(
+            f"the tokenizer of --model {cfg.model} differs from the cache's ({cfg.cache}: tokenizer "
+            f"{info.get('name')!r}, vocab {info.get('vocab_size')}, fingerprint {expected[:19]}...; model: vocab "
+            f"{len(tokenizer)}, fingerprint {actual[:19]}...); evaluate a model with the teacher's tokenizer, or "
+            "pass --allow-vocab-mismatch if the vocabularies are known to share ids")
 
 
 def _model_vocab(model: Any) -> int | None:

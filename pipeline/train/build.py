@@ -88,7 +88,8 @@ def build_loader(cfg: TrainConfig, pad_id: int, vocab_size: int | None, rank: in
     # switching shards for one consumer would close the file the other is reading.
     stream = CacheStream(cfg.cache, batch_size=cfg.batch_size, pad_id=pad_id, seed=cfg.seed,
                          shuffle_buffer=cfg.shuffle_buffer, rank=rank, world_size=world_size,
-                         eval_rows=cfg.eval_rows, vocab_size=vocab_size, storage_options=cfg.storage_options)
+                         eval_rows=cfg.eval_rows, vocab_size=vocab_size, storage_options=cfg.storage_options,
+                         verify_checksums=cfg.verify_checksums)
     return StreamLoader(stream, num_workers=cfg.num_workers)
 
 

@@ -6,11 +6,12 @@ Each field's description says what it sets and why its default is what it is (``
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.config import YAML_ONLY, StrictModel
+from pipeline.config import YAML_ONLY, StrictModel, flag_name
 
 
 class TrainConfig(StrictModel):
@@ -26,6 +27,10 @@ class TrainConfig(StrictModel):
     student_layers: int | None = Field(None, ge=1, description="Copy --student with this many layers, every n-th "
                                                                "layer copied (DistilBERT style); default: all.")
     tokenizer: str | None = Field(None, description="Tokenizer folder or hub name; default: the student's own.")
+    verify_checksums: bool = Field(True, description="Check each shard's sha256 against the manifest as it is "
+                                                     "read (a shared cache is untrusted input); "
+                                                     "--no-verify-checksums only for a trusted local cache you "
+                                                     "wrote or verified yourself.")
     allow_vocab_mismatch: bool = Field(False, description="Accept a tokenizer whose fingerprint differs from the "
                                                           "cache's if ids fit; off: it must match exactly.")
     attn_implementation: str | None = Field(None, description="Attention kernel: sdpa, eager, flash_attention_2; "
@@ -99,6 +104,7 @@ class TrainConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
+        check_finite(self)
         if (self.max_steps is None) == (self.epochs is None):
             raise ValueError("give exactly one of max_steps (flag --max-steps) and epochs (flag --epochs)")
         if self.resume and self.overwrite:
@@ -108,6 +114,14 @@ class TrainConfig(StrictModel):
         return self
 
 
+def check_finite(cfg: StrictModel) -> None:
+    """Refuse inf/NaN in any float setting (``gt=0`` lets inf through): a run with ``--temperature inf``
+    would train on nothing and leave checkpoints no --resume can use."""
+    for name, value in cfg:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{name} (flag {flag_name(type(cfg), name)}) must be a finite number, got {value}")
+
+
 # Settings that may differ when resuming (they do not change what the first steps did).
-RESUME_MAY_CHANGE = {"resume", "overwrite", "max_steps", "epochs", "eval_every", "save_every", "keep_checkpoints",
+RESUME_MAY_CHANGE = {"resume", "overwrite", "verify_checksums", "max_steps", "epochs", "eval_every", "save_every", "keep_checkpoints",
                       "log_every", "tensorboard", "wandb", "wandb_mode", "wandb_project", "progress"}

@@ -40,12 +40,14 @@ from pipeline.errors import ConfigError, DatasetError
 from pipeline.train.collate import collate_rows
 
 
-def _open(cache: Any, storage_options: dict[str, Any] | None) -> Any:
+def _open(cache: Any, storage_options: dict[str, Any] | None, verify_checksums: bool) -> Any:
+    """A reader of ``cache`` (a path/URL, or an open reader used as is); ``verify_checksums``: each shard's
+    sha256 is checked as the shard is opened, in whichever process (loader worker) reads it."""
     if not isinstance(cache, str):
         return cache
     from cache_format import open_cache
 
-    return open_cache(cache, storage_options=storage_options)
+    return open_cache(cache, storage_options=storage_options, verify_checksums=verify_checksums)
 
 
 def cache_kind(reader: Any) -> str:
@@ -69,6 +71,7 @@ class CacheStream(IterableDataset):
         eval_rows: int = 0,
         vocab_size: int | None = None,
         storage_options: dict[str, Any] | None = None,
+        verify_checksums: bool = True,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size (flag --batch-size) must be >= 1, got {batch_size}")
@@ -76,6 +79,7 @@ class CacheStream(IterableDataset):
             raise ConfigError(f"shuffle_buffer (flag --shuffle-buffer) must be >= 1, got {shuffle_buffer}")
         self.cache = cache
         self.storage_options = storage_options
+        self.verify_checksums = verify_checksums
         self.batch_size = batch_size
         self.pad_id = pad_id
         self.seed = seed
@@ -85,7 +89,7 @@ class CacheStream(IterableDataset):
         self.eval_rows = eval_rows
         self.vocab_size = vocab_size
         self.skip_batches = 0  # set by StreamLoader.load_state_dict
-        reader = _open(cache, storage_options)
+        reader = _open(cache, storage_options, verify_checksums)
         self.kind = cache_kind(reader)
         self.shard_rows = [int(s.rows) for s in reader.manifest.shards]
         if self.train_rows == 0:
@@ -173,7 +177,7 @@ class CacheStream(IterableDataset):
         consumer, n, role, workers = self._consumer()
         if get_worker_info() is not None:
             torch.set_num_threads(1)  # loader workers decode; leave the cores to the training process
-        reader = _open(self.cache, self.storage_options)
+        reader = _open(self.cache, self.storage_options, self.verify_checksums)
         # Rows this worker already delivered (batch i of the loader came from worker i mod workers).
         # Whole epochs are skipped from the manifest's row counts; only the rows of the current
         # epoch are read again (decoded, not collated) to rebuild the shuffle buffer exactly.
@@ -191,6 +195,20 @@ class CacheStream(IterableDataset):
             if len(batch) == self.batch_size:
                 yield collate_rows(batch, self.kind, self.pad_id, self.vocab_size)
                 batch = []
+
+
+def _from_worker(exc: Exception) -> Exception:
+    """A DataLoader worker's error as the worker raised it: torch re-raises it with the worker's traceback in
+    the message ("Caught X in DataLoader worker process 0. Original Traceback ..."), which would turn a
+    one-line error (a checksum mismatch, a corrupt shard) into a traceback on the user's screen."""
+    text = str(exc)
+    marker = f"{type(exc).__name__}: "
+    if not (text.startswith("Caught ") and "Original Traceback" in text and marker in text):
+        return exc
+    try:
+        return type(exc)(text.rsplit(marker, 1)[-1].strip())
+    except Exception:  # an exception class that cannot be rebuilt from its message stays as it was
+        return exc
 
 
 class StreamLoader:
@@ -216,7 +234,10 @@ class StreamLoader:
             loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
                                 persistent_workers=False)
             self._it = iter(loader)
-        batch = next(self._it)
+        try:
+            batch = next(self._it)
+        except Exception as exc:
+            raise _from_worker(exc) from None
         self.batches += 1
         return batch
 
@@ -240,10 +261,10 @@ class StreamLoader:
 
 def iter_eval_batches(
     cache: str | Any, *, eval_rows: int, batch_size: int, pad_id: int, vocab_size: int | None = None,
-    storage_options: dict[str, Any] | None = None,
+    storage_options: dict[str, Any] | None = None, verify_checksums: bool = True,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Batches of the held-out slice: the first ``eval_rows`` rows of the cache's last shard."""
-    reader = _open(cache, storage_options)
+    reader = _open(cache, storage_options, verify_checksums)
     shards = reader.manifest.shards
     if eval_rows <= 0 or not shards:
         return

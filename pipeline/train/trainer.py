@@ -28,7 +28,6 @@ import contextlib
 import json
 import math
 import random
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ import numpy as np
 import torch
 
 from pipeline.config import atomic_write_text, save_resolved_config
-from pipeline.errors import KdpipeError
+from pipeline.errors import TrainingError
 from pipeline.train.build import (
     build_accelerator,
     build_loader,
@@ -52,10 +51,12 @@ from pipeline.train.checkpoint import (
     TrainState,
     check_output_folder,
     check_resume_config,
+    clear_output,
     latest_checkpoint,
-    load_checkpoint,
+    load_usable_checkpoint,
     save_checkpoint,
     save_final_student,
+    write_run_marker,
 )
 from pipeline.train.config import TrainConfig
 from pipeline.train.distill import (
@@ -68,7 +69,7 @@ from pipeline.train.distill import (
     warn_if_tail_is_large,
 )
 from pipeline.train.kd_loss import ClassKDLoss
-from pipeline.train.losses import LossSpec
+from pipeline.train.losses import KDTargets, LossSpec
 from pipeline.train.tracking import Trackers
 
 if TYPE_CHECKING:
@@ -78,10 +79,6 @@ if TYPE_CHECKING:
     from pipeline.train.stream import StreamLoader
 
 __all__ = ["DistillModule", "OnlineTeacher", "StepMetrics", "TrainConfig", "Trainer", "TrainingError", "run_train"]
-
-
-class TrainingError(KdpipeError):
-    """Training stopped (non-finite loss, nothing to resume, ...)."""
 
 
 @dataclass(frozen=True)
@@ -168,7 +165,8 @@ class Trainer:
     def _setup_cache(self) -> None:
         from cache_format import open_cache
 
-        self.manifest = open_cache(self.cfg.cache, storage_options=self.cfg.storage_options).manifest
+        self.manifest = open_cache(self.cfg.cache, storage_options=self.cfg.storage_options,
+                                   verify_checksums=self.cfg.verify_checksums).manifest
         self.kind = str(self.manifest.identity.encoding.kind)
         if self.manifest.num_rows == 0:
             raise TrainingError(f"cache {self.cfg.cache} is empty (0 rows); dump data into it first")
@@ -207,15 +205,17 @@ class Trainer:
             self.accelerator.register_for_checkpointing(obj)
 
     def _setup_resume_or_fresh_output(self) -> None:
-        """Every check has passed: now load the checkpoint, or (main process) clear --out."""
+        """Every check has passed: now load the newest usable checkpoint, or (main process) clear --out
+        (only an earlier kdpipe run: :func:`~pipeline.train.checkpoint.clear_output`) and mark it as a run."""
         if self.resume_from is not None:
-            self.history = load_checkpoint(self.accelerator, self.resume_from)
+            self.resume_from, self.history = load_usable_checkpoint(self.accelerator, self.ckpt_dir)
         elif self.is_main:
-            if self.cfg.overwrite and self.out.exists():
-                shutil.rmtree(self.out)
+            if self.cfg.overwrite:
+                clear_output(self.out)
             self.out.mkdir(parents=True, exist_ok=True)
         self.accelerator.wait_for_everyone()
         if self.is_main:
+            write_run_marker(self.out)
             save_resolved_config(self.cfg, self.out, name="train_config.yaml")
 
     def _setup_rank_seeds(self) -> None:
@@ -284,7 +284,7 @@ class Trainer:
                 acc.backward(out.loss * self.world)
             sums += torch.stack([out.loss.detach(), out.kd_loss, out.ce_loss])
         loss, kd, ce = acc.reduce(sums, reduction="sum").tolist()
-        self._stop_if_not_finite(loss)
+        self._stop_if_not_finite(loss, micro)
         lr = float(self.scheduler.get_last_lr()[0])
         if self.cfg.max_grad_norm is not None:
             acc.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
@@ -306,7 +306,8 @@ class Trainer:
         kd = agree = count = 0.0
         for batch in iter_eval_batches(self.cfg.cache, eval_rows=self.cfg.eval_rows, batch_size=self.cfg.batch_size,
                                        pad_id=self.pad_id, vocab_size=self.vocab_size,
-                                       storage_options=self.cfg.storage_options):
+                                       storage_options=self.cfg.storage_options,
+                                       verify_checksums=self.cfg.verify_checksums):
             batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
             out = self.model(batch, self._targets(batch), normalizer=1.0)  # plain sums
             kd += float(out.kd_loss)
@@ -323,12 +324,28 @@ class Trainer:
     def _due(self, every: int) -> bool:
         return self.state.step % every == 0 or self.state.step == self.max_steps
 
-    def _stop_if_not_finite(self, loss: float) -> None:
-        if not math.isfinite(loss):
-            last = latest_checkpoint(self.ckpt_dir)
-            raise TrainingError(f"loss became {loss} at step {self.state.step + 1}; stopped before updating "
-                                f"the weights. Last good checkpoint: {last or 'none (none saved yet)'}; try a lower "
-                                "--lr, --max-grad-norm, or --precision fp32, then --resume")
+    def _stop_if_not_finite(self, loss: float, micro: Sequence[Batch]) -> None:
+        """A non-finite loss stops the run: blamed on the cache (or teacher) when the targets are non-finite,
+        else on the optimisation (the learning-rate advice)."""
+        if math.isfinite(loss):
+            return
+        last = latest_checkpoint(self.ckpt_dir)
+        stopped = (f"at step {self.state.step + 1}; stopped before updating the weights. Last good checkpoint: "
+                   f"{last or 'none (none saved yet)'}")
+        for batch in micro:
+            if self.teacher is not None and not _finite_targets(self._targets(batch)):
+                raise TrainingError(f"the teacher's targets are NaN/inf {stopped}; check the teacher model")
+            bad = _non_finite_cache_row(batch) if self.teacher is None else None
+            if bad is not None:
+                from cache_format.errors import InvariantError
+
+                shard = self.manifest.shards[bad[0]].name
+                raise InvariantError(
+                    f"cache {self.cfg.cache}: shard {shard} row {bad[1]} holds NaN/inf teacher targets, found {stopped}"
+                    f"; the cache is damaged, not the training — run `kdpipe cache verify {self.cfg.cache}` and "
+                    "re-copy or re-dump it")
+        raise TrainingError(f"loss became {loss} {stopped}; try a lower --lr, --max-grad-norm, or --precision fp32, "
+                            "then --resume")
 
     def _evaluate_and_record(self, train_loss: float, bar: Any) -> None:
         metrics = self.evaluate()
@@ -353,6 +370,24 @@ class Trainer:
             atomic_write_text(self.out / "train_summary.json", json.dumps(summary, indent=2))
         self.accelerator.wait_for_everyone()
         return summary
+
+
+def _finite_targets(targets: Targets) -> bool:
+    if isinstance(targets, KDTargets):
+        return bool(torch.isfinite(targets.logprobs[targets.valid]).all() and torch.isfinite(targets.tail).all())
+    return bool(torch.isfinite(targets.logits).all())
+
+
+def _non_finite_cache_row(batch: Batch) -> tuple[int, int] | None:
+    """(shard index, row index) of the first row whose cached targets hold NaN/inf; None when all are finite."""
+    if "class_logits" in batch:
+        bad = ~torch.isfinite(batch["class_logits"]).all(dim=1)
+    else:
+        logprobs = torch.where(batch["valid"], batch["logprobs"], 0.0)  # -inf marks padding entries
+        tail = torch.where(batch["target_mask"], batch["tail"], 0.0)
+        bad = ~(torch.isfinite(logprobs).flatten(1).all(dim=1) & torch.isfinite(tail).all(dim=1))
+    rows = bad.nonzero()
+    return None if len(rows) == 0 else tuple(batch["row_ref"][int(rows[0, 0])].tolist())
 
 
 def run_train(cfg: TrainConfig) -> dict[str, Any]:

@@ -61,8 +61,8 @@ def golden_class() -> tuple[object, ClassLogitsBatch]:
 
 
 PINS = {
-    "topk-set": {"content": "a586992d123ccf6345d23866c460985083fe8b79b96bd031d02bd2964b77899a",
-                 "file": "1ed75d2816d253e1b17b0aa12b4f5358d41d1b3726ca5841a677567c9fd78e46"},
+    "topk-set": {"content": "4b378c7ae5ef9b070833458cacd4eb92cacfe2b60a7daf2321a768265789fc3d",
+                 "file": "aa93b7f7f40110a9bf9a70d514b6fdeeab84de11932b732312e392d9b48112a5"},
     "topk": {"content": "d433300866aec039f193f4aa6d6b28d5481e4f646a4e1ed9ae738b60d8f6fd27",
              "file": "e348f44b0332896314c82406d504b02bc8328b310cb1981b26406ccefb470777"},
     "sampled": {"content": "42a1d2c285c8bedc49317a187f0f56234c5eaed60e6c42d662ec7f7d54f33d7e",

@@ -25,6 +25,7 @@ from cache_format.encodings.idset import (
     encode_set,
     id_coding_of,
     pack_table,
+    table_column,
     unpack_table,
 )
 from cache_format.errors import (
@@ -186,9 +187,7 @@ def tamper(blob: bytes, column: str, change: Callable[[list[list[int]]], None]) 
 def with_table(blob: bytes, raw: bytes) -> bytes:
     table = pa.ipc.open_file(pa.BufferReader(blob)).read_all()
     i = table.schema.get_field_index("topk_id_table")
-    col = pa.DictionaryArray.from_arrays(pa.array([0] + [None] * (table.num_rows - 1), pa.int32()),
-                                         pa.array([raw], pa.binary()))
-    return serialize_table(table.set_column(i, table.schema.field(i), col), 3)
+    return serialize_table(table.set_column(i, table.schema.field(i), table_column(raw, table.num_rows)), 3)
 
 
 def _past_table(rows: list[list[int]]) -> None:
@@ -212,13 +211,13 @@ def _top_past_run(rows: list[list[int]]) -> None:
 
 
 HOSTILE = {
-    "gap past table": ("topk_set_gap", _past_table, r"shard t row 2: column topk_set_gap the ranks walk past the "
+    "gap past table": ("topk_set_gap", _past_table, r"shard t row 2 \(sample_id 'c'\) position 10: column topk_set_gap the ranks walk past the "
                                                      r"300-id rank table; the shard is corrupt — re-dump it"),
     "exception past table": ("topk_set_gap_x0", _escape_past_table,
-                             r"shard t row 0: column topk_set_gap_x0 an escaped rank gap walks past"),
+                             r"shard t row 0 \(sample_id 'a'\) position 0: column topk_set_gap_x0 an escaped rank gap walks past"),
     "escape count": ("topk_set_gap", _add_escape, r"shard t row 0: column topk_set_gap_x0 has 1 entries, expected 2"),
-    "qoff > qmax": ("topk_qoff", _qoff_over, r"shard t row 2: column topk_qoff an offset exceeds topk_qmax"),
-    "top past run": ("topk_top", _top_past_run, r"shard t row 2: column topk_top index 60000 is not below the number of entries tied at the top \(1\)"),
+    "qoff > qmax": ("topk_qoff", _qoff_over, r"shard t row 2 \(sample_id 'c'\) position 1: column topk_qoff an offset exceeds topk_qmax"),
+    "top past run": ("topk_top", _top_past_run, r"shard t row 2 \(sample_id 'c'\) position 3: column topk_top index 60000 is not below the number of entries tied at the top \(1\)"),
 }
 
 
@@ -243,12 +242,12 @@ def test_hostile_streams_raise_one_clean_error(case: str) -> None:
 @pytest.mark.parametrize(("raw", "message"), [
     (pack_table(np.array([5, 9, 5], np.int32), 2), "column topk_id_table lists a token id twice"),
     (b"\x01\x02\x03", "column topk_id_table 3 bytes is not a whole number of 2 byte planes"),
-    (pack_table(np.array([1, 2], np.int32), 2), r"row 0: column topk_set_gap_x0 an escaped rank gap walks past the "
+    (pack_table(np.array([1, 2], np.int32), 2), r"row 0 \(sample_id 'a'\) position 0: column topk_set_gap_x0 an escaped rank gap walks past the "
                                                 r"2-id rank table"),
 ])
 def test_hostile_rank_tables_raise_one_clean_error(raw: bytes, message: str) -> None:
     blob = set_shard()
-    with pytest.raises(ShardCorruptError, match=message if "row" in message else f"shard t: {message}"):
+    with pytest.raises(ShardCorruptError, match=message if "row " in message else f"shard t rows from 0: {message}"):
         decode_all(with_table(blob, raw))
 
 

@@ -206,7 +206,7 @@ CASES: dict[str, tuple[Callable[[Path], None], str, type[Exception], str]] = {
     "not_arrow": (not_arrow, "read", ShardCorruptError, r"not a readable Arrow IPC file"),
     "unfinished": (unfinished, "open", IncompleteCacheError, r"unfinished"),
     "shard_from_another_cache": (shard_from_another_cache, "read", ShardCorruptError, r"'k': 4.*belongs to another"),
-    "duplicate_sample_ids": (duplicate_sample_ids, "verify", DuplicateError, r"sample_id 'u0-r0'"),
+    "duplicate_sample_ids": (duplicate_sample_ids, "verify", DuplicateError, r"sample_id 'u0-r0'|byte-identical"),
 }
 
 

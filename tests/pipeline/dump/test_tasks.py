@@ -19,24 +19,27 @@ def _ds(**columns: list[Any]) -> LoadedDataset:
 
 
 def test_lm_packs_documents_into_full_windows(tiny_tokenizer: Any) -> None:
+    # Documents go in bare, each followed by EOS; every window opens with BOS (the tokenizer adds one)
+    # and, over all windows, the targets are the stream itself, each token once.
     texts = ["the cat sat on the mat.", "", "a dog ran fast and the tree was big.", "one two three."]
     res = build_examples(_ds(text=texts), tiny_tokenizer, RecipeConfig(task="lm", max_length=8))
-    ids = np.concatenate([e.input_ids for e in res.examples])
+    targets = np.concatenate([e.input_ids[e.positions + 1] for e in res.examples])
     docs = [t for t in texts if t]
-    expected = np.concatenate([[*tiny_tokenizer(t)["input_ids"], tiny_tokenizer.eos_token_id] for t in docs])
-    np.testing.assert_array_equal(ids, expected[: len(ids)])
+    expected = np.concatenate([[*tiny_tokenizer(t, add_special_tokens=False)["input_ids"],
+                                tiny_tokenizer.eos_token_id] for t in docs])
+    np.testing.assert_array_equal(targets, expected)
     assert all(len(e.input_ids) == 8 for e in res.examples[:-1])
-    for e in res.examples:
-        np.testing.assert_array_equal(e.positions, np.arange(len(e.input_ids) - 1))
-    assert [e.sample_id for e in res.examples] == list(range(len(res.examples)))
+    assert all(e.input_ids[0] == tiny_tokenizer.bos_token_id for e in res.examples)
     assert res.stats["documents"] == 3 and res.stats["split_documents"] >= 1
 
 
 def test_lm_without_packing_keeps_documents_apart(tiny_tokenizer: Any) -> None:
     res = build_examples(_ds(text=["the cat sat.", "a dog ran fast and the tree was big and red."]), tiny_tokenizer,
                          RecipeConfig(task="lm", max_length=6, pack=False))
-    first_doc = [*tiny_tokenizer("the cat sat.")["input_ids"], tiny_tokenizer.eos_token_id]
+    first_doc = [*tiny_tokenizer("the cat sat.")["input_ids"], tiny_tokenizer.eos_token_id]  # BOS + text + EOS
     assert res.examples[0].input_ids.tolist() == first_doc[:6]
+    docs = [str(e.sample_id).split(":")[0] for e in res.examples]
+    assert docs == ["doc0"] + ["doc1"] * (len(docs) - 1) and len(docs) > 2  # one row per window of a document
     assert res.stats["split_documents"] >= 1
 
 

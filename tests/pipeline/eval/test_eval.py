@@ -40,21 +40,26 @@ def test_lm_metrics_match_a_direct_computation(tiny_lm_dir: Path, data_dir: Path
     m = out["metrics"]
     assert set(m) >= {"perplexity", "acc@1", "acc@5"}
     assert 0 <= m["acc@1"] <= m["acc@5"] <= 1
-    # The same windows scored by hand: packed stream of docs + EOS, windows of 48, no padding scored.
+    # The same windows scored by hand: packed stream of bare docs + EOS, each window opened by BOS,
+    # windows of 48 overlapping so that only the `stride` new tokens are scored, no padding scored.
+    from pipeline.dump.lm import default_stride
+
     tok = AutoTokenizer.from_pretrained(str(tiny_lm_dir))
     model = AutoModelForCausalLM.from_pretrained(str(tiny_lm_dir)).eval()
     stream = []
     for line in (data_dir / "lm.txt").read_text().splitlines():
-        stream += [*tok(line)["input_ids"], tok.eos_token_id]
+        stream += [*tok(line, add_special_tokens=False)["input_ids"], tok.eos_token_id]
     nll, n = 0.0, 0
+    t, end, stride = 0, 47, default_stride(48)
     with torch.no_grad():
-        for s in range(0, len(stream), 48):
-            w = torch.tensor(stream[s : s + 48])[None]
-            if w.shape[1] < 2:
-                continue
+        while t < len(stream):
+            start = max(0, end - 47)
+            w = torch.tensor([tok.bos_token_id, *stream[start:end]])[None]
             logits = model(input_ids=w).logits[0, :-1]
-            nll += float(torch.nn.functional.cross_entropy(logits, w[0, 1:], reduction="sum"))
-            n += w.shape[1] - 1
+            new = end - t  # the last `new` tokens of the window are its targets
+            nll += float(torch.nn.functional.cross_entropy(logits[-new:], w[0, -new:], reduction="sum"))
+            n += new
+            t, end = end, min(end + stride, len(stream))
     assert m["tokens"] == n
     assert m["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-4)
     # A model agrees perfectly with itself.
@@ -205,7 +210,9 @@ def test_agreement_with_a_cache_of_the_same_model(tiny_lm_dir: Path, tiny_classi
     assert out["agreement"]["against"] == f"cache:{lm_cache}"
     assert out["agreement"]["top1_agreement"] == 1.0
     assert out["agreement"]["kl_to_teacher"] == pytest.approx(0.0, abs=2e-3)
-    assert out["agreement"]["agreement_positions"] == 3 * 47
+    from pipeline.dump.lm import default_stride
+
+    assert out["agreement"]["agreement_positions"] == 47 + 2 * default_stride(48)  # later windows: new tokens only
     assert "metrics" not in out  # no --dataset: agreement only
 
     cls_cache = tmp_path / "cls-cache"

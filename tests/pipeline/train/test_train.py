@@ -20,6 +20,7 @@ from helpers.train import (
     write_teacher_cache,
 )
 from pipeline.errors import ConfigError, ModelError
+from pipeline.train.checkpoint import RUN_MARKER
 from pipeline.train.distill import OnlineTeacher, cached_targets
 from pipeline.train.trainer import StepMetrics, TrainConfig, Trainer, TrainingError, run_train
 
@@ -179,14 +180,17 @@ def test_sampled_and_class_caches_train(tmp_path: Path, tiny_tokenizer, tiny_stu
 
 @pytest.fixture()
 def occupied(tmp_path: Path) -> Path:
+    """An earlier kdpipe run (its marker) with a file in it: --overwrite may replace it, once every check passed."""
     out = tmp_path / "occupied"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
+    (out / RUN_MARKER).write_text("{}\n")
     return out
 
 
 def _untouched(out: Path) -> None:
-    assert (out / "keep.txt").read_text() == "precious" and sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert (out / "keep.txt").read_text() == "precious"
+    assert sorted(p.name for p in out.iterdir()) == sorted(["keep.txt", RUN_MARKER])
 
 
 def test_non_empty_output_is_refused(teacher_cache: Path, tiny_student_dir: Path, occupied: Path) -> None:
