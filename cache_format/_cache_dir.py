@@ -38,7 +38,7 @@ def prepare_cache_dir(root: Path, identity: CacheIdentity, mode: str) -> tuple[D
     entries = sorted(os.listdir(root)) if root.is_dir() else []
     if entries and mode == "create":
         raise CacheExistsError(f"{root} is not empty; pass mode='overwrite' (--overwrite) to replace the cache "
-                               "there, or mode='resume' (--resume) to continue an interrupted dump")
+                               "there, or mode='resume' (kdpipe dump-teacher: rerun with the same settings) to continue an interrupted dump")
     if entries and mode == "resume":
         if MANIFEST_NAME in entries:
             return _reopen_finished(root, identity)

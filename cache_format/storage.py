@@ -229,7 +229,7 @@ class Storage:
             if self.exists(INCOMPLETE_MARKER):
                 raise IncompleteCacheError(
                     f"{self.describe('')} is an unfinished cache (no {MANIFEST_NAME}; the dump is still running or "
-                    "was interrupted): resume the dump (mode='resume' / --resume) so it finalizes, then read it")
+                    "was interrupted): rerun the same kdpipe dump-teacher command (it resumes and finalizes; CacheWriter mode='resume'), then read it")
             raise CacheNotFoundError(f"{self.describe(MANIFEST_NAME)} does not exist: {self.url} is not a kdpipe "
                                      "cache (check the path, or that the upload finished)")
         data = self.read_bytes(MANIFEST_NAME, MAX_MANIFEST_BYTES)
