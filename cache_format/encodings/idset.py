@@ -201,17 +201,16 @@ def decode_set(s: SetStreams, k: int) -> tuple[np.ndarray, np.ndarray]:
     if any(len(p) != esc.size for p in s.gap_x):
         raise SetCodingError(f"{GAP}_x0", -1, f"holds {len(s.gap_x[0])} exceptions for {esc.size} escape bytes")
     wide = np.int32 if k * (m + 1) < 1 << 31 else np.int64  # the running rank stays below k·m once gaps < m
-    g = gap.astype(wide)
+    g = np.add(gap, 1, dtype=wide)  # gap + 1: the step from one rank to the next
     if esc.size:
         x = join_planes(s.gap_x)
         if int(x.max()) >= m - ESCAPE:
             pos = int(esc[np.flatnonzero(x >= m - ESCAPE)[0]]) // k
             raise SetCodingError(f"{GAP}_x0", pos, f"an escaped rank gap walks past the {m}-id rank table")
         g[esc] += x.astype(wide)
-    if g.size and int(g.max()) >= m:
-        pos = int(np.flatnonzero(g >= m)[0]) // k
+    if g.size and int(g.max()) > m:
+        pos = int(np.flatnonzero(g > m)[0]) // k
         raise SetCodingError(GAP, pos, f"a rank gap walks past the {m}-id rank table")
-    g += 1
     g = g.reshape(n, k)
     np.cumsum(g, axis=1, out=g)
     g -= 1
@@ -221,11 +220,12 @@ def decode_set(s: SetStreams, k: int) -> tuple[np.ndarray, np.ndarray]:
     if n and (qo.max(axis=1) > s.qmax).any():
         raise SetCodingError(QOFF, int(np.flatnonzero(qo.max(axis=1) > s.qmax)[0]), "an offset exceeds topk_qmax")
     # One sort gives the order: the key is (q, rank), and ranks ascend within a position.
-    rank_bits = 24 if m <= 1 << 24 else 32
-    key = (s.qmax[:, None] - qo).astype(np.uint32 if rank_bits == 24 else np.uint64) << rank_bits
-    key |= g.astype(key.dtype, copy=False)
+    rank_bits, key_type = (24, np.uint32) if m <= 1 << 24 else (32, np.uint64)
+    key = (s.qmax[:, None] - qo).astype(key_type)
+    np.left_shift(key, rank_bits, out=key)
+    key |= g.view(np.uint32) if key_type == np.uint32 and g.dtype == np.int32 else g.astype(key_type)
     key.sort(axis=1)
-    ids, q = table[key & ((1 << rank_bits) - 1)], (key >> rank_bits).astype(np.uint8)
+    ids, q = np.take(table, key & ((1 << rank_bits) - 1)), (key >> rank_bits).astype(np.uint8)
     return _top_first(ids, q, s.top), q
 
 

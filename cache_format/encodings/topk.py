@@ -125,7 +125,9 @@ class TopKFormat(EncodingFormat):
 
     def decode(self, cols: ShardColumns, enc: dict[str, Any], ctx: BatchRows) -> list[dict[str, Any]]:
         if id_coding_of(enc) == "set":
-            return split_rows(ctx, *decode_set_columns(cols, enc, ctx))
+            # Distinct, sorted entries by construction (strictly increasing ranks of a duplicate-free table,
+            # one sort by q): the row rules need not sort them again.
+            return split_rows(ctx, *decode_set_columns(cols, enc, ctx), ordered=True)
         n_pos, k = np.diff(ctx.pos_offsets), int(enc["k"])
         values, v_off = cols.lists("topk_values", n_pos * k)
         planes = cols.planes("topk_id", int(enc.get("id_bytes", 0)), n_pos * k)
@@ -136,14 +138,15 @@ class TopKFormat(EncodingFormat):
         return split_rows(ctx, ids, lps, tail)
 
 
-def split_rows(ctx: BatchRows, ids: np.ndarray, lps: np.ndarray, tail: np.ndarray) -> list[dict[str, Any]]:
+def split_rows(ctx: BatchRows, ids: np.ndarray, lps: np.ndarray, tail: np.ndarray,
+               ordered: bool = False) -> list[dict[str, Any]]:
     """The batch's decoded [n, k] arrays, checked against the row rules, cut into rows."""
-    check_topk(ctx, ids, lps, tail)
+    check_topk(ctx, ids, lps, tail, ordered)
     cuts = zip(ctx.pos_offsets[:-1].tolist(), ctx.pos_offsets[1:].tolist(), strict=True)
     return [{"ids": ids[a:b], "logprobs": lps[a:b], "tail": tail[a:b]} for a, b in cuts]
 
 
-def check_topk(ctx: BatchRows, ids: np.ndarray, lps: np.ndarray, tail: np.ndarray) -> None:
+def check_topk(ctx: BatchRows, ids: np.ndarray, lps: np.ndarray, tail: np.ndarray, ordered: bool = False) -> None:
     """The spec's ``topk`` row rules over a whole batch of decoded positions ([n, k] arrays).
 
     Ids below the limit and distinct within a position; log-probs non-increasing and <= 0; top-k
@@ -155,7 +158,7 @@ def check_topk(ctx: BatchRows, ids: np.ndarray, lps: np.ndarray, tail: np.ndarra
         return
     k = ids.shape[1]
     ctx.check_ids(ids.reshape(-1), np.arange(ids.shape[0] + 1, dtype=np.int64) * k, "a top-k")
-    if k > 1:
+    if k > 1 and not ordered:  # ordered: the decoder guarantees distinct ids and descending log-probs
         ctx.check(_adjacent(np.sort(ids, axis=1), np.equal), "a token id repeats within the position's top-k")
         ctx.check(_adjacent(lps, np.greater), "top-k log-probs are not sorted descending")
     ctx.check(lps[:, 0] > LOGPROB_TOLERANCE, "a log-prob is above 0")
