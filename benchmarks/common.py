@@ -7,13 +7,15 @@ benchmark measures the same model. Nothing here is imported by the library.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# ../shared/data beside the checkout; KDPIPE_SHARED_DATA points elsewhere (a git worktree, another machine).
+SHARED_DATA = Path(os.environ.get("KDPIPE_SHARED_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 CACHE_DIR = Path(__file__).resolve().parent / ".cache"
 
 

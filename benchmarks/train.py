@@ -29,6 +29,15 @@ before them (activations, logits, gradients: what the step itself needs).
     python -m benchmarks.train --quick            # ~3 min on 2 cores
     python -m benchmarks.train --only kd_stream,kd_stream_verified   # the checksum cost alone
     python -m benchmarks.train --json train.json  # 3 rounds
+
+**With a real teacher** (``--teacher DIR``, e.g. SmolLM2-135M): the student is the teacher cut to
+``--student-layers`` layers (same tokenizer and head), and three kdpipe steps are compared on the
+same batch of wikitext-2 test windows: ``ce`` (HF cross-entropy), ``kd_offline`` (the trainer's step
+from a k=64 cache written by ``dump-teacher``) and ``kd_online`` (the same step with the targets of
+``OnlineTeacher``, what ``train-student --teacher`` runs: the teacher's forward and its full
+distribution, chunked, inside the step). Peak memory includes the resident teacher.
+
+    python -m benchmarks.train --teacher /work/models/smollm2 --student-layers 4 --seq-len 256
 """
 
 from __future__ import annotations
@@ -47,7 +56,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import CACHE_DIR, print_table, wikitext_lines, wikitext_teacher
+from benchmarks.common import CACHE_DIR, SHARED_DATA, print_table, wikitext_lines, wikitext_teacher
 
 CONFIGS = ["ce", "kd_offline", "kd_online", "loss_full", "loss_chunked", "kd_stream", "kd_stream_verified"]
 # What each configuration is compared with (the time_vs_base columns).
@@ -192,6 +201,11 @@ def worker(config: str, cache: Path, steps: int, chunk_size: int, threads: int) 
             opt.step()
             opt.zero_grad(set_to_none=True)
 
+    return _measure(step_fn, steps, info)
+
+
+def _measure(step_fn: Any, steps: int, info: dict[str, Any]) -> dict[str, Any]:
+    """One warm-up call of ``step_fn``, then ``steps`` timed calls; times and memory added to ``info``."""
     step_fn()  # warm-up: allocates the AdamW state and the allocator's pools, like any first step
     before = _status_mb("VmRSS")
     info["peak_reset"] = _reset_peak()
@@ -207,15 +221,124 @@ def worker(config: str, cache: Path, steps: int, chunk_size: int, threads: int) 
     return info
 
 
-def _run_worker(config: str, cache: Path, steps: int, chunk_size: int, threads: int) -> dict[str, Any]:
+def _run_worker(config: str, cache: Path, steps: int, chunk_size: int, threads: int,
+                extra: tuple[str, ...] = ()) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
         path = fh.name
     cmd = [sys.executable, "-m", "benchmarks.train", "--worker", config, "--cache", str(cache),
-           "--steps", str(steps), "--chunk-size", str(chunk_size), "--threads", str(threads), "--json", path]
+           "--steps", str(steps), "--chunk-size", str(chunk_size), "--threads", str(threads), "--json", path, *extra]
     subprocess.run(cmd, check=True, cwd=Path(__file__).resolve().parents[1])
     out = json.loads(Path(path).read_text())
     os.unlink(path)
     return out
+
+
+# -- a real teacher (--teacher DIR): offline vs online KD with kdpipe's own steps ---------------------
+
+REAL_CONFIGS = ["real_ce", "real_kd_offline", "real_kd_online"]
+
+
+def build_real_cache(teacher_dir: Path, dataset: Path, batch_size: int, seq_len: int) -> Path:
+    """A k=64 cache of ``dataset`` windows through ``teacher_dir``, written by kdpipe's own dump (once)."""
+    out = CACHE_DIR / f"train-bench-{teacher_dir.name}-k{K}-b{batch_size}-t{seq_len}"
+    if (out / "manifest.json").is_file():
+        return out
+    from pipeline.dump.run import DumpConfig, run_dump
+
+    # ~40 wikitext lines per window are more than enough text for batch_size packed windows of seq_len tokens
+    run_dump(DumpConfig(teacher=str(teacher_dir), task="lm", dataset=str(dataset), limit=40 * batch_size,
+                        max_length=seq_len, top_k=K, out=str(out), overwrite=True, progress=False))
+    return out
+
+
+def real_worker(config: str, cache: Path, teacher_dir: Path, student_layers: int, batch_size: int, steps: int,
+                chunk_size: int, threads: int) -> dict[str, Any]:
+    """One configuration with the real teacher, in this (fresh) process: the student is the teacher with
+    ``student_layers`` of its layers (same tokenizer and head); the step is the trainer's
+    (``DistillModule`` + ``SparseKDLoss``) from the cache's targets, or from ``OnlineTeacher`` (what
+    ``train-student --teacher`` runs), or plain HF cross-entropy."""
+    import gc
+    import itertools
+
+    import torch
+
+    torch.set_num_threads(threads)
+    from transformers import AutoModelForCausalLM
+
+    from cache_format import open_cache
+    from pipeline.train.collate import collate_rows
+    from pipeline.train.distill import DistillModule, OnlineTeacher, cached_targets
+    from pipeline.train.kd_loss import SparseKDLoss
+    from pipeline.train.losses import LossSpec
+    from pipeline.train.student import head_spec, shrink_model
+
+    batch = collate_rows(list(itertools.islice(open_cache(str(cache)).iter_rows(), batch_size)), "topk", pad_id=0)
+    teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32)
+    student = shrink_model(teacher, student_layers, AutoModelForCausalLM).train()
+    module = DistillModule(student, SparseKDLoss(LossSpec(kind="fkl"), chunk_size, head_spec(student)))
+    info: dict[str, Any] = {"config": config, "student_params_M": sum(p.numel() for p in student.parameters()) / 1e6,
+                            "targets": int(batch["num_targets"])}
+    online = None
+    if config == "real_kd_online":
+        online = OnlineTeacher(teacher, head_spec=head_spec(teacher))
+        info["teacher_params_M"] = sum(p.numel() for p in teacher.parameters()) / 1e6
+    else:
+        del teacher  # offline and CE runs hold no teacher
+        gc.collect()
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
+
+    def step_fn() -> None:
+        if config == "real_ce":
+            loss = student(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+        else:
+            loss = module(batch, cached_targets(batch) if online is None else online(batch)).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return _measure(step_fn, steps, info)
+
+
+def _medians(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """Median step time, CPU time and memory over every measured step / run of one configuration."""
+    pooled = {key: [v for run in runs for v in (run[key] if isinstance(run[key], list) else [run[key]])]
+              for key in ("step_times", "step_cpu_times", "peak_MB", "step_peak_MB")}
+    return {name: statistics.median(pooled[key]) for name, key in
+            (("step_s", "step_times"), ("step_cpu_s", "step_cpu_times"), ("peak_MB", "peak_MB"),
+             ("step_peak_MB", "step_peak_MB"))}
+
+
+def real_teacher_main(args: argparse.Namespace) -> None:
+    """Offline (k=64 cache) vs online KD (``--teacher``) vs CE with a real teacher, side by side."""
+    rounds, steps = (1, 2) if args.quick else (args.rounds, args.steps)
+    teacher = args.teacher.resolve()
+    cache = build_real_cache(teacher, args.dataset, args.batch_size, args.seq_len)
+    extra = ("--teacher", str(teacher), "--student-layers", str(args.student_layers),
+             "--batch-size", str(args.batch_size))
+    runs: dict[str, list[dict[str, Any]]] = {c: [] for c in REAL_CONFIGS}
+    for r in range(rounds):
+        for c in REAL_CONFIGS:
+            print(f"round {r + 1}/{rounds}: {c}", file=sys.stderr, flush=True)
+            runs[c].append(_run_worker(c, cache, steps, args.chunk_size, args.threads, extra))
+    by = {c: {"config": c.removeprefix("real_"), **_medians(runs[c]),
+              "params_M": runs[c][0]["student_params_M"] + runs[c][0].get("teacher_params_M", 0.0)}
+          for c in REAL_CONFIGS}
+    off, on, ce = by["real_kd_offline"], by["real_kd_online"], by["real_ce"]
+    ratios = {f"{a}/{b} {what}": x[key] / max(y[key], 1e-9)
+              for a, b, x, y in (("online", "offline", on, off), ("offline", "ce", off, ce), ("online", "ce", on, ce))
+              for what, key in (("step time", "step_s"), ("step CPU time", "step_cpu_s"), ("peak memory", "peak_MB"),
+                                ("step peak memory", "step_peak_MB"))}
+    vocab = json.loads((cache / "manifest.json").read_text())["identity"]["tokenizer"]["model_vocab_size"]
+    print(f"\nteacher {teacher.name}, student = its {args.student_layers} layers; batch {args.batch_size} x "
+          f"{args.seq_len} tokens ({runs['real_ce'][0]['targets']} targets), offline k={K}, vocab {vocab}, "
+          f"{rounds} round(s) x {steps} step(s), {args.threads} torch thread(s) per process\n")
+    print_table(list(by.values()), ["config", "params_M", "step_s", "step_cpu_s", "peak_MB", "step_peak_MB"])
+    print()
+    print_table([{"ratio": k, "value": v} for k, v in ratios.items()], ["ratio", "value"])
+    if args.json:
+        args.json.write_text(json.dumps({"settings": vars(args) | {"json": str(args.json), "cache": str(cache)},
+                                         "rows": list(by.values()), "ratios": ratios, "runs": runs},
+                                        indent=2, default=str))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -230,12 +353,25 @@ def main(argv: list[str] | None = None) -> None:
                    help="torch threads per worker; 1 makes CPU time a load-independent measure on a shared box")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--only", default=",".join(CONFIGS), help="comma-separated configurations to run")
-    p.add_argument("--worker", choices=CONFIGS, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--teacher", type=Path, default=None,
+                   help="a real teacher folder (e.g. SmolLM2-135M): offline vs online KD vs CE with it instead")
+    p.add_argument("--student-layers", type=int, default=4, help="with --teacher: the student keeps this many layers")
+    p.add_argument("--dataset", type=Path, default=SHARED_DATA / "wikitext-2" / "test.txt",
+                   help="with --teacher: the text whose windows make the batch")
+    p.add_argument("--worker", choices=CONFIGS + REAL_CONFIGS, default=None, help=argparse.SUPPRESS)
     p.add_argument("--cache", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.worker in REAL_CONFIGS:
+        result = real_worker(args.worker, args.cache, args.teacher, args.student_layers, args.batch_size, args.steps,
+                             args.chunk_size, args.threads)
+        args.json.write_text(json.dumps(result))
+        return
     if args.worker:
         result = worker(args.worker, args.cache, args.steps, args.chunk_size, args.threads)
         args.json.write_text(json.dumps(result))
+        return
+    if args.teacher is not None:
+        real_teacher_main(args)
         return
     configs = [c for c in CONFIGS if c in args.only.split(",")]
     rounds, steps = (1, 2) if args.quick else (args.rounds, args.steps)

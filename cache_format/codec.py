@@ -168,6 +168,16 @@ def _normaliser(q: np.ndarray, tail: np.ndarray, value_step: float, locate: Loca
     return norm_code, tail_dec
 
 
+@dataclass
+class QuantizedTopK:
+    """The checked, quantized top-k of a block of positions, before any id/value layout (SPEC §3.1)."""
+
+    ids: np.ndarray  # [n, k], entries ordered by log-prob descending
+    q: np.ndarray  # uint8 [n, k]: round(-logprob / value_step), clamped to [0, 255]
+    tail_code: np.ndarray  # uint16 [n]
+    norm_code: np.ndarray  # int16 [n]
+
+
 def encode_topk(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray | None, *, value_step: float,
                 id_limit: int, locate: Locate, row_lengths: np.ndarray | None = None) -> EncodedTopK:
     """Encode ``[n, k]`` ids/log-probs (sorted descending here if needed) and the tail into v1 streams.
@@ -175,6 +185,16 @@ def encode_topk(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray | None, 
     ``row_lengths`` are the rows' position counts (the value deltas restart at each row so a row
     decodes on its own); default: one row.
     """
+    t = quantize_topk(ids, logprobs, tail, value_step=value_step, id_limit=id_limit, locate=locate)
+    n, k = t.q.shape
+    lengths = np.array([n], np.int64) if row_lengths is None else np.asarray(row_lengths, np.int64)
+    return EncodedTopK(values=row_delta(t.q, lengths * k), id_planes=split_planes(t.ids, id_bytes_for(id_limit)),
+                       tail_code=t.tail_code, norm_code=t.norm_code)
+
+
+def quantize_topk(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray | None, *, value_step: float,
+                  id_limit: int, locate: Locate) -> QuantizedTopK:
+    """Check ``[n, k]`` ids/log-probs and the tail, sort entries descending, quantize, and code norm and tail."""
     n, k = logprobs.shape
     logprobs = np.asarray(logprobs, dtype=np.float32)
     check_finite(logprobs, locate, "logprobs")
@@ -205,9 +225,7 @@ def encode_topk(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray | None, 
         tail_v = np.clip(tail_v, 0.0, 1.0)
     q = _quantize(logprobs, value_step)
     norm_code, tail_dec = _normaliser(q, tail_v, value_step, locate)
-    lengths = np.array([n], np.int64) if row_lengths is None else np.asarray(row_lengths, np.int64)
-    return EncodedTopK(values=row_delta(q, lengths * k), id_planes=split_planes(ids, id_bytes_for(id_limit)),
-                       tail_code=encode_tail(tail_dec), norm_code=norm_code)
+    return QuantizedTopK(ids=ids, q=q, tail_code=encode_tail(tail_dec), norm_code=norm_code)
 
 
 def decode_topk(values: np.ndarray, id_planes: list[np.ndarray], tail_code: np.ndarray, norm_code: np.ndarray, *,

@@ -117,6 +117,25 @@ class DumpConfig(StrictModel):
     progress: bool = Field(True, description="Progress bar (tokens/s, ETA) on stderr; on, because a dump "
                                              "takes long.")
 
+    # Ray engine (pip install 'kdpipe[ray]')
+    engine: Literal["local", "ray"] = Field(
+        "local", description="Where the teacher runs: local = in this process; ray = a pool of Ray actors, one "
+                             "teacher each, fed units by this process, which writes the one cache.")
+    ray_address: str | None = Field(None, description="Ray cluster to join (--engine ray): auto, host:port or "
+                                                      "ray://host:10001; default: $RAY_ADDRESS, else a new local "
+                                                      "Ray on this machine.")
+    ray_actors: int | None = Field(None, ge=1, description="Teacher actors (--engine ray); default: as many as the "
+                                                           "cluster's GPUs (or, without GPUs, CPUs) hold.")
+    ray_gpus_per_actor: float | None = Field(None, ge=0, description="GPUs per actor; default: "
+                                                                     "--tensor-parallel-size (vllm) or 1 when the "
+                                                                     "cluster has GPUs and --device is not cpu, "
+                                                                     "else 0.")
+    ray_cpus_per_actor: float = Field(1.0, gt=0, description="CPUs per actor (its torch threads); 1 suits GPU "
+                                                             "actors, raise it on CPU-only clusters.")
+    ray_unit_retries: int = Field(3, ge=0, description="Reruns of a unit on a fresh actor after its actor died "
+                                                       "(crash, OOM kill, lost node); then the dump stops naming "
+                                                       "the unit.")
+
     @field_validator("device")
     @classmethod
     def _check_device(cls, v: str) -> str:
@@ -147,5 +166,16 @@ class DumpConfig(StrictModel):
                 and self.top_k > self.max_logprobs:
             raise ValueError(f"--top-k {self.top_k} is larger than --max-logprobs {self.max_logprobs}; "
                              "raise --max-logprobs or lower --top-k")
+        return self
+
+    @model_validator(mode="after")
+    def _check_ray(self) -> DumpConfig:
+        if self.engine != "ray":
+            given = [f for f in ("ray_address", "ray_actors", "ray_gpus_per_actor") if getattr(self, f) is not None]
+            if given:
+                raise ValueError(f"--{given[0].replace('_', '-')} applies to --engine ray only; add --engine ray")
+        elif re.fullmatch(r"cuda:\d+", self.device):
+            raise ValueError(f"--device {self.device} cannot be used with --engine ray: Ray gives each actor its "
+                             "own GPUs; use --device auto or cuda")
         return self
 

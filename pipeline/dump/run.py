@@ -15,7 +15,8 @@ worker ``j % num_workers``. A unit is the resume granule (the writer journals it
 ``end_unit``) and the batching scope (rows are sorted by length *inside* a unit, so a unit's
 numbers do not depend on which worker runs it, and N workers + merge equal one worker).
 Encoding and writing run on the writer's background thread while the next unit's forward pass
-runs, so the teacher never waits for compression or the disk.
+runs, so the teacher never waits for compression or the disk. With ``--engine ray`` the units are
+computed by a pool of Ray actors (:mod:`pipeline.dump.ray_engine`) and written here as they finish.
 
 The resolved config goes into the manifest's ``identity.run`` and, re-loadable with ``--config``,
 beside the cache as ``<out>.config.yaml`` (:func:`config_path`); the cache folder holds only
@@ -27,6 +28,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -268,6 +270,10 @@ def _check_resume(cfg: DumpConfig, out: _Output, identity: Any) -> None:
 def _setup_backend(cfg: DumpConfig, tok: Any, max_length: int) -> Any:
     from pipeline.dump.teachers import TeacherSettings, make_backend
 
+    if cfg.engine == "ray":  # one teacher per Ray actor; each actor calls back here with engine="local"
+        from pipeline.dump.ray_engine import RayTeacherPool
+
+        return RayTeacherPool(cfg, tok, max_length)
     settings = TeacherSettings(
         model=cfg.teacher, backend=cfg.backend, kind="classifier" if cfg.task == "classification" else "causal_lm",
         dtype=cfg.dtype, device=cfg.device, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
@@ -320,6 +326,25 @@ def _unit_batch(backend: Any, rows: list[Example], cfg: DumpConfig, unit: int) -
     return TopKBatch(sample_ids=sids, input_ids=seqs, positions=positions, ids=ids, logprobs=lps)
 
 
+def compute_unit(backend: Any, rows: list[Example], cfg: DumpConfig, tok: Any, max_length: int,
+                 counts: dict[str, int], unit: int) -> tuple[Any, int]:
+    """One unit's writer batch (None when no row is left) and its token count; run by the local loop
+    and by each ``--engine ray`` actor, so both write the same rows."""
+    if cfg.teacher_generates:
+        rows = _generate_responses(backend, rows, cfg, tok, max_length, counts)
+    return (_unit_batch(backend, rows, cfg, unit) if rows else None), int(sum(len(ex.input_ids) for ex in rows))
+
+
+def _unit_batches(cfg: DumpConfig, backend: Any, todo: list[int], rows_of: Any, tok: Any, max_length: int,
+                  counts: dict[str, int]) -> Iterator[tuple[int, Any, int]]:
+    """(unit, batch, tokens) of every unit in ``todo``: in order here, as they finish with ``--engine ray``."""
+    if cfg.engine == "ray":
+        yield from backend.unit_batches(todo, rows_of, counts)
+        return
+    for u in todo:
+        yield u, *compute_unit(backend, rows_of(u), cfg, tok, max_length, counts, u)
+
+
 def _progress(cfg: DumpConfig, total: int, initial: int) -> Any:
     from tqdm.auto import tqdm
 
@@ -343,20 +368,15 @@ def _run_units(cfg: DumpConfig, backend: Any, writer: Any, examples: list[Exampl
     tokens = 0
     handoff_s = 0.0  # caller-side time in writer.write/end_unit: batch checks + queueing (incl. blocked)
     try:
-        for u in todo:
-            s, e = slices[u]
-            rows = examples[s:e]
-            if cfg.teacher_generates:
-                rows = _generate_responses(backend, rows, cfg, tok, max_length, counts)
-            batch = _unit_batch(backend, rows, cfg, u) if rows else None
+        for u, batch, n_tokens in _unit_batches(cfg, backend, todo, lambda u: examples[slice(*slices[u])], tok,
+                                                max_length, counts):
             t0 = time.perf_counter()
             if batch is not None:
                 writer.write(batch)
             writer.end_unit(u)
             handoff_s += time.perf_counter() - t0
-            n = unit_tokens(u)
-            tokens += int(sum(len(ex.input_ids) for ex in rows))
-            bar.update(n)
+            tokens += n_tokens
+            bar.update(unit_tokens(u))
     finally:
         bar.close()
     return {"units_total": len(slices), "units_mine": len(mine), "units_resumed": len(mine) - len(todo),
@@ -400,6 +420,8 @@ def run_dump(cfg: DumpConfig, backend: Any = None) -> dict[str, Any]:
         backend = _setup_backend(cfg, tok, max_length)
     elif backend.name != cfg.backend:
         raise ConfigError(f"the given teacher backend is {backend.name} but --backend is {cfg.backend}")
+    elif cfg.engine == "ray":
+        raise ConfigError("--engine ray loads one teacher in each Ray actor; pass no backend to run_dump")
     backend.timing = type(backend.timing)()  # this dump's time only
     counts = {"truncated": int(recipe.stats.get("truncated", 0)),
               "split_documents": int(recipe.stats.get("split_documents", 0)),

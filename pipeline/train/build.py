@@ -22,8 +22,9 @@ LOSS_FLAGS = {"kind": "--loss", "temperature": "--temperature", "alpha": "--alph
 
 def loss_spec(cfg: TrainConfig, sampled: bool) -> LossSpec:
     """The loss settings of ``cfg`` for a cache (``sampled`` or not), checked; errors name the flag."""
+    # with --teacher the targets are the teacher's full distribution, whatever kind the cache is
     spec = LossSpec(kind=cfg.loss, temperature=cfg.temperature, alpha=cfg.alpha, beta=cfg.jsd_beta,
-                    sampled=sampled, tail_bucket=cfg.tail_bucket)
+                    sampled=sampled and cfg.teacher is None, tail_bucket=cfg.tail_bucket)
     try:
         spec.validate()
     except LossSettingError as exc:
@@ -118,3 +119,12 @@ def build_student(cfg: TrainConfig, manifest: Any, spec: LossSpec) -> StudentPar
     if cfg.lora_r > 0:
         model = apply_lora(model, cfg, classification)
     return tokenizer, model, loss
+
+
+def build_teacher(cfg: TrainConfig, manifest: Any, student_tokenizer: Any, student_vocab: int | None,
+                  device: torch.device) -> tuple[Any, dict[str, Any]]:
+    """``--teacher`` (online KD): the teacher model, checked against the cache and the student, and its
+    identity for the run's summary (see :mod:`pipeline.train.online`)."""
+    from pipeline.train.online import load_online_teacher
+
+    return load_online_teacher(cfg, manifest, student_tokenizer, student_vocab, device)

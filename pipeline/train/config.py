@@ -36,6 +36,18 @@ class TrainConfig(StrictModel):
     attn_implementation: str | None = Field(None, description="Attention kernel: sdpa, eager, flash_attention_2; "
                                                               "default: transformers' (sdpa where available).")
 
+    # Online KD: the teacher runs in this process; the cache then only supplies the rows.
+    teacher: str | None = Field(None, description="Online KD: a teacher model folder or hub name run in this process; "
+                                                  "its full distribution replaces the cache's targets (the cache "
+                                                  "still gives the rows and their order). Needs the cache's tokenizer; "
+                                                  "the loss then holds ~6 x chunk x V float32.")
+    teacher_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype of the --teacher model; float32 gives exact log-probs, as `dump-teacher` "
+                               "does by default (bfloat16 on GPUs).")
+    teacher_device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$",
+                                description="Device of the --teacher model: auto (the training device), cpu, cuda, "
+                                            "cuda:N or mps.")
+
     loss: Literal["fkl", "rkl", "jsd", "tvd"] = Field(
         "fkl", description="Divergence: forward KL (classic KD, valid for every cache kind), reverse KL, JSD, TVD.")
     temperature: float = Field(1.0, gt=0, description="Distillation temperature T (bucket tempering, loss scaled "

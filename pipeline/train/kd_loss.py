@@ -12,6 +12,11 @@ and immediately turned into gradients for the hidden states and the head weight,
 ``[N, V]`` tensor exists in forward or backward. Chunks return sums; the total is divided
 once, by ``normalizer``: the caller's global count of target positions (over micro-batches
 and ranks), or by default this call's own count, each at least 1.
+
+**Targets per chunk.** The loss asks for ``targets[chunk]`` only when it computes that chunk
+(:class:`~pipeline.train.losses.PositionTargets`), so a lazy teacher — the online teacher's
+head applied to its hidden states — also holds one chunk's ``[chunk, V]`` distribution at a
+time. Targets with ``dense`` set (``k = V`` in vocabulary order) skip the gather and scatter.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from pipeline.train.losses import (
     KDTargets,
     LossSettingError,
     LossSpec,
+    PositionTargets,
     class_kl,
     hard_ce,
     head_logits,
@@ -80,13 +86,15 @@ def _chunk_loss(
     if need_grad and head.softcap is not None:
         deriv = (1 - (z / head.softcap) ** 2) * head.logit_scale
     label_idx = t.labels.clamp_min(0).unsqueeze(-1)
-    z_ids, z_label = z.gather(1, t.ids), z.gather(1, label_idx).squeeze(-1)
+    dense = t.dense and t.ids.shape[1] == z.shape[1]  # the ids are 0..V-1: no gather, no scatter
+    z_ids = z.clone() if dense else z.gather(1, t.ids)
+    z_label = z.gather(1, label_idx).squeeze(-1)
     # softmax in place with the fewest passes over [c, V]: max, exp(z - max), sum
     zmax = z.amax(dim=-1, keepdim=True)
     z.sub_(zmax).exp_()
     denom = z.sum(dim=-1, keepdim=True)
     lse = zmax + denom.log()  # [c, 1]
-    lq_ids = (z_ids - lse).requires_grad_(need_grad)
+    lq_ids = z_ids.sub_(lse).requires_grad_(need_grad)
     lq_label = (z_label - lse.squeeze(-1)).requires_grad_(need_grad)
     with torch.enable_grad():
         per_position = sparse_position_loss(lq_ids, lq_label, t, spec)
@@ -96,7 +104,7 @@ def _chunk_loss(
         return _ChunkSums(total.detach(), kd, ce, agree, None)
     g_ids, g_label = torch.autograd.grad(total, [lq_ids, lq_label], allow_unused=True, materialize_grads=True)
     z.mul_(-(g_ids.sum(-1) + g_label).unsqueeze(-1) / denom)  # -softmax(z) * rowsum(S)
-    z.scatter_add_(1, t.ids, g_ids).scatter_add_(1, label_idx, g_label.unsqueeze(-1))
+    (z.add_(g_ids) if dense else z.scatter_add_(1, t.ids, g_ids)).scatter_add_(1, label_idx, g_label.unsqueeze(-1))
     if deriv is not None:
         z.mul_(deriv)
     elif head.logit_scale != 1.0:
@@ -168,7 +176,7 @@ class SparseKDLoss(torch.nn.Module):
         self.chunk_size = chunk_size
         self.head_spec = head_spec
 
-    def forward(self, hidden: torch.Tensor, head: torch.nn.Module, targets: KDTargets, *,
+    def forward(self, hidden: torch.Tensor, head: torch.nn.Module, targets: PositionTargets, *,
                 normalizer: float | None = None, agreement: bool = False) -> KDLossOutput:
         """Loss of ``hidden [N, H]`` through ``head`` against ``targets`` at the same ``N`` positions.
 

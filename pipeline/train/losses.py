@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -133,10 +133,12 @@ def teacher_buckets(t_logp: torch.Tensor, tail: torch.Tensor, valid: torch.Tenso
     return lp.clamp_min(LOG_FLOOR).masked_fill(~present, LOG_FLOOR), present
 
 
-def temper(lb: torch.Tensor, present: torch.Tensor, temperature: float) -> torch.Tensor:
+def temper(lb: torch.Tensor, present: torch.Tensor | None, temperature: float) -> torch.Tensor:
     """Bucket tempering ``log_softmax(log b / T)`` over the present buckets: ``[N, k + 1]`` → same."""
     if temperature == 1.0:
         return lb
+    if present is None:
+        return torch.log_softmax(lb / temperature, dim=-1)
     out = torch.log_softmax((lb / temperature).masked_fill(~present, -math.inf), dim=-1)
     return out.masked_fill(~present, LOG_FLOOR)
 
@@ -144,28 +146,33 @@ def temper(lb: torch.Tensor, present: torch.Tensor, temperature: float) -> torch
 # ---------------------------------------------------------------------------------------------
 # Divergences over k + 1 buckets: teacher lp [N, k + 1], student lq [N, k + 1] and the
 # present mask [N, k + 1] → per-position loss [N]. Empty buckets contribute exactly 0.
+# present=None: every bucket is present (dense k = V targets), which saves a [N, V] copy per mask.
 
 
-def forward_kl(lp: torch.Tensor, lq: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+def _present_only(terms: torch.Tensor, present: torch.Tensor | None) -> torch.Tensor:
+    return terms if present is None else torch.where(present, terms, 0.0)
+
+
+def forward_kl(lp: torch.Tensor, lq: torch.Tensor, present: torch.Tensor | None) -> torch.Tensor:
     """``KL(p || q) = sum_b p_b (log p_b - log q_b)`` → ``[N]``."""
-    return torch.where(present, lp.exp() * (lp - lq), 0.0).sum(-1)
+    return _present_only(lp.exp() * (lp - lq), present).sum(-1)
 
 
-def reverse_kl(lp: torch.Tensor, lq: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+def reverse_kl(lp: torch.Tensor, lq: torch.Tensor, present: torch.Tensor | None) -> torch.Tensor:
     """``KL(q || p) = sum_b q_b (log q_b - log p_b)`` → ``[N]``."""
-    return torch.where(present, lq.exp() * (lq - lp), 0.0).sum(-1)
+    return _present_only(lq.exp() * (lq - lp), present).sum(-1)
 
 
-def jsd(lp: torch.Tensor, lq: torch.Tensor, present: torch.Tensor, beta: float = 0.5) -> torch.Tensor:
+def jsd(lp: torch.Tensor, lq: torch.Tensor, present: torch.Tensor | None, beta: float = 0.5) -> torch.Tensor:
     """``beta KL(p || m) + (1 - beta) KL(q || m)`` with ``m = beta p + (1 - beta) q`` → ``[N]``."""
     lm = torch.logaddexp(lp + math.log(beta), lq + math.log1p(-beta))
     terms = beta * lp.exp() * (lp - lm) + (1 - beta) * lq.exp() * (lq - lm)
-    return torch.where(present, terms, 0.0).sum(-1)
+    return _present_only(terms, present).sum(-1)
 
 
-def tvd(lp: torch.Tensor, lq: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+def tvd(lp: torch.Tensor, lq: torch.Tensor, present: torch.Tensor | None) -> torch.Tensor:
     """Total variation ``0.5 sum_b |p_b - q_b|`` → ``[N]``."""
-    return 0.5 * torch.where(present, (lp.exp() - lq.exp()).abs(), 0.0).sum(-1)
+    return 0.5 * _present_only((lp.exp() - lq.exp()).abs(), present).sum(-1)
 
 
 def sampled_kl(lp: torch.Tensor, lq: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
@@ -219,7 +226,8 @@ def renormalised_topk(t_logp: torch.Tensor, valid: torch.Tensor) -> torch.Tensor
     return torch.where(valid, t_logp.float() - lse, t_logp.float())
 
 
-def bucket_divergence(lp: torch.Tensor, lq: torch.Tensor, present: torch.Tensor, spec: LossSpec) -> torch.Tensor:
+def bucket_divergence(lp: torch.Tensor, lq: torch.Tensor, present: torch.Tensor | None,
+                      spec: LossSpec) -> torch.Tensor:
     """``T^2 D(p_T || q_T)`` of ``spec``'s family over the buckets: ``[N, k + 1]`` ×3 → ``[N]``."""
     if spec.sampled:
         return sampled_kl(lp, lq, present)
@@ -244,10 +252,15 @@ def sparse_position_loss(lq_ids: torch.Tensor, lq_label: torch.Tensor, targets: 
         :class:`PositionLoss` of ``[N]`` tensors: the loss and its two parts (for logging).
     """
     t_logp, tail, valid = targets.logprobs, targets.tail, targets.valid
-    if not spec.tail_bucket and not spec.sampled:
-        t_logp, tail = renormalised_topk(t_logp, valid), torch.zeros_like(tail)
-    lp, present = teacher_buckets(t_logp, tail, valid)
-    kd = bucket_divergence(lp, student_buckets(lq_ids, valid), present, spec)
+    if targets.dense and lq_ids.shape == t_logp.shape:
+        # k = V in vocabulary order: the buckets are the tokens themselves, all present, no tail (and
+        # renormalising changes nothing), so the [N, V + 1] bucket copies and masks are skipped.
+        kd = bucket_divergence(t_logp, lq_ids, None, spec)
+    else:
+        if not spec.tail_bucket and not spec.sampled:
+            t_logp, tail = renormalised_topk(t_logp, valid), torch.zeros_like(tail)
+        lp, present = teacher_buckets(t_logp, tail, valid)
+        kd = bucket_divergence(lp, student_buckets(lq_ids, valid), present, spec)
     ce = hard_ce(lq_label, targets.labels)
     loss = kd if spec.alpha == 0 else (1 - spec.alpha) * kd + spec.alpha * ce
     return PositionLoss(loss, kd, ce)
@@ -268,10 +281,11 @@ class HeadSpec:
 def head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, head: HeadSpec) -> torch.Tensor:
     """Float32 logits ``[n, V]`` from ``hidden [n, H]``, ``weight [V, H]``, ``bias [V] | None``."""
     with torch.autocast(device_type=hidden.device.type, enabled=False):  # bf16 autocast must not downcast
-        return _scaled(F.linear(hidden.float(), weight.float(), None if bias is None else bias.float()), head)
+        return scale_logits(F.linear(hidden.float(), weight.float(), None if bias is None else bias.float()), head)
 
 
-def _scaled(logits: torch.Tensor, head: HeadSpec) -> torch.Tensor:
+def scale_logits(logits: torch.Tensor, head: HeadSpec) -> torch.Tensor:
+    """The model's output scaling (``head``) applied to raw head outputs ``h @ W.T + b``."""
     if head.logit_scale != 1.0:
         logits = logits * head.logit_scale
     if head.softcap is not None:
@@ -292,6 +306,9 @@ class KDTargets:
     tail: torch.Tensor  # [N] float32
     valid: torch.Tensor  # [N, k] bool
     labels: torch.Tensor  # [N] int64, -100 = none
+    # True: k = V and ids[:, j] = j, every entry valid, tail 0, log-probs >= LOG_FLOOR (the teacher's whole
+    # distribution, from full_distribution); the loss then works on the [N, V] tensors directly.
+    dense: bool = False
 
     @property
     def num_positions(self) -> int:
@@ -300,7 +317,7 @@ class KDTargets:
     def __getitem__(self, positions: slice) -> KDTargets:
         """The targets of a slice of the positions (a chunk)."""
         return KDTargets(ids=self.ids[positions], logprobs=self.logprobs[positions], tail=self.tail[positions],
-                         valid=self.valid[positions], labels=self.labels[positions])
+                         valid=self.valid[positions], labels=self.labels[positions], dense=self.dense)
 
     @classmethod
     def full_distribution(cls, teacher_logits: torch.Tensor, labels: torch.Tensor) -> KDTargets:
@@ -309,10 +326,23 @@ class KDTargets:
         broadcast views, so only the ``[N, V]`` log-probs take memory."""
         n, vocab = teacher_logits.shape
         ids = torch.arange(vocab, device=teacher_logits.device).expand(n, vocab)
-        return cls(ids=ids, logprobs=torch.log_softmax(teacher_logits.float(), dim=-1),
+        # floored in place like the buckets' (a -inf logit has p = 0, not NaN), as the dense loss path expects
+        logprobs = torch.log_softmax(teacher_logits.float(), dim=-1).clamp_min_(LOG_FLOOR)
+        return cls(ids=ids, logprobs=logprobs,
                    tail=teacher_logits.new_zeros(n, dtype=torch.float32),
                    valid=torch.ones((1, 1), dtype=torch.bool, device=teacher_logits.device).expand(n, vocab),
-                   labels=labels)
+                   labels=labels, dense=True)
+
+
+class PositionTargets(Protocol):
+    """What :class:`~pipeline.train.kd_loss.SparseKDLoss` reads: a count, and the :class:`KDTargets` of
+    a chunk of positions. :class:`KDTargets` is one; a lazy one (the online teacher's, which computes
+    each chunk's distribution only when the loss asks for it) is another."""
+
+    @property
+    def num_positions(self) -> int: ...
+
+    def __getitem__(self, positions: slice) -> KDTargets: ...
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ over every micro-batch of the gradient accumulation and every rank (``clamp_min(
 * ``teacher``: where the targets come from, in training and in the held-out evaluation, a
   :data:`~pipeline.train.distill.Teacher`. The default is the cache's own targets;
   :class:`~pipeline.train.distill.OnlineTeacher` runs a teacher model in this process (online KD)
-  on the same batches, with the same loss.
+  on the same batches, with the same loss — what ``--teacher`` sets up (:mod:`pipeline.train.online`).
 * ``on_step``: called after every optimizer step with its :class:`StepMetrics` (timing, logging).
 
 ``run_train(cfg)`` is ``Trainer(cfg).run()``, and ``run()`` is ``setup()`` then ``train()``.
@@ -38,12 +38,13 @@ import numpy as np
 import torch
 
 from pipeline.config import atomic_write_text, save_resolved_config
-from pipeline.errors import TrainingError
+from pipeline.errors import ConfigError, TrainingError
 from pipeline.train.build import (
     build_accelerator,
     build_loader,
     build_optimizer,
     build_student,
+    build_teacher,
     check_optional_dependencies,
     loss_spec,
 )
@@ -101,7 +102,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, *, teacher: Teacher | None = None,
                  on_step: Callable[[StepMetrics], None] | None = None) -> None:
         self.cfg = cfg
-        self.teacher = teacher  # None: the cache's own targets
+        self.teacher = teacher  # None: the cache's own targets (or --teacher's, set up in setup())
+        self.teacher_info: dict[str, Any] | None = None  # --teacher's identity, recorded in the summary
         self.on_step = on_step
         self.out = Path(cfg.out)
         self.ckpt_dir = self.out / "checkpoints"
@@ -140,6 +142,7 @@ class Trainer:
         self._setup_accelerator()
         self._setup_cache()
         self._setup_student()
+        self._setup_teacher()
         self._setup_data()
         self._setup_distributed_model()
         self._setup_optimizer()
@@ -179,6 +182,15 @@ class Trainer:
         self.module = DistillModule(self.student, loss)
         if self.cfg.compile and self.module.decoder is not None:
             self.module.decoder.forward = torch.compile(self.module.decoder.forward)
+
+    def _setup_teacher(self) -> None:
+        """--teacher (online KD): its full distribution replaces the cache's targets; checked before --out is written."""
+        if self.cfg.teacher is None:
+            return
+        if self.teacher is not None:
+            raise ConfigError("teacher (flag --teacher) and Trainer(teacher=...) both give the targets; pass one")
+        self.teacher, self.teacher_info = build_teacher(self.cfg, self.manifest, self.tokenizer, self.vocab_size,
+                                                        self.accelerator.device)
 
     def _setup_data(self) -> None:
         pad = self.tokenizer.pad_token_id
@@ -364,6 +376,7 @@ class Trainer:
                 "steps": c.step, "first_loss": c.first_loss, "final_loss": c.last_loss,
                 "tokens_seen": c.tokens_seen, "wall_s": wall, "tokens_per_s": run_tokens / wall if wall > 0 else 0.0,
                 "world_size": self.world, "cache_kind": self.kind, "cache_rows": self.manifest.num_rows,
+                "teacher": self.teacher_info,  # --teacher's identity; None: the cache's targets
                 "eval": self.history[-1] if self.history else None, "history": self.history,
                 "resolved_config": json.loads(self.cfg.model_dump_json()),
             }
