@@ -25,7 +25,8 @@ from cache_format.rows import BatchRows, DecodedRow, RowBlock, check_common
 
 FORMAT_NAME = "kdpipe-logit-cache"
 # The newest version written; a shard or manifest declares the oldest version that describes it
-# (see format_version), so caches this library writes without 1.1 features stay byte-identical 1.0.
+# (see format_version): caches written without 1.1 features declare 1.0 and read with any 1.0 reader
+# (their top-k normaliser code is chosen by the 1.1 rule, which decodes by the unchanged 1.0 formula).
 FORMAT_VERSION = "1.1"
 FORMAT_MAJOR = 1
 META_FORMAT = b"kdpipe.format"
