@@ -7,14 +7,18 @@ Inputs (the output says which is which):
   * SYNTHETIC: a 150k vocabulary with Zipf-distributed top-k ids (randomly permuted, so id order
     carries no frequency information) and heavy-tailed log-prob shapes.
 
-Rows: the kdpipe ``topk`` codec at k = 16, 64, 128 and ``sampled``; baselines in the same run:
-int32 ids + float32 log-probs in Arrow (uncompressed and zstd) and int32 + bfloat16 (zstd).
-Every row stores the same ``sample_id``/``input_ids``/``positions`` columns, so bytes compare
-like for like. Speeds are single-threaded (numpy/BLAS/Arrow limited to one thread), median of
-``--repeats`` runs. Usage::
+Rows: the kdpipe ``topk`` codec (1.1 ``set`` id coding; 1.0 ``planes`` too at k = 64) at k = 16,
+64, 128 and ``sampled``; baselines in the same run: int32 ids + float32 log-probs in Arrow
+(uncompressed and zstd) and int32 + bfloat16 (zstd). Every row stores the same
+``sample_id``/``input_ids``/``positions`` columns, so bytes compare like for like. Speeds are
+single-threaded (numpy/BLAS/Arrow limited to one thread), median of ``--repeats`` runs.
+
+``--teacher DIR`` instead compares the two topk id codings on any local HF teacher (and on
+synthetic vocabularies fitted to it, up to 262,144 ids): see ``benchmarks/codec_teacher.py``. Usage::
 
     .venv/bin/python -m benchmarks.codec --quick                 # ~1 min
-    .venv/bin/python -m benchmarks.codec --json codec.json       # the README table
+    .venv/bin/python -m benchmarks.codec --json codec.json       # the toy-teacher table
+    .venv/bin/python -m benchmarks.codec --teacher DIR --rows 200 --arrays DIR/topk64 --json idcoding.json
 """
 
 from __future__ import annotations
@@ -37,7 +41,13 @@ import pyarrow as pa  # noqa: E402
 from benchmarks.common import print_table, wikitext_lines, wikitext_teacher  # noqa: E402
 from cache_format import SampledBatch, SampledEncoding, TopKBatch, TopKEncoding  # noqa: E402
 from cache_format.encodings import check_batch  # noqa: E402
-from cache_format.shard import build_table, decode_batch, read_shard_encoding, serialize_table  # noqa: E402
+from cache_format.shard import (  # noqa: E402
+    build_table,
+    decode_batch,
+    read_shard_encoding,
+    serialize_table,
+    shard_encoding,
+)
 from cache_format.writer import DEFAULT_COMPRESSION_LEVEL  # noqa: E402
 
 # The tests' toy identity (tests/ is a namespace package from the repo root); only the vocab and the
@@ -54,14 +64,15 @@ MAX_K = 128
 # ---------------------------------------------------------------- inputs
 
 
-def real_inputs(num_rows: int, num_draws: int, seed: int = 0) -> dict[str, Any]:
-    """Top-128 ids/log-probs and ``num_draws`` samples per position from the wikitext teacher."""
+def real_inputs(num_rows: int, num_draws: int, seed: int = 0, teacher: str | None = None,
+                k: int = MAX_K) -> dict[str, Any]:
+    """Top-k ids/log-probs and ``num_draws`` samples per position from ``teacher`` (default: the wikitext teacher)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(1)
     torch.manual_seed(seed)
-    path = wikitext_teacher()
+    path = teacher or wikitext_teacher()
     tok = AutoTokenizer.from_pretrained(str(path))
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     stream: list[int] = []
@@ -75,13 +86,14 @@ def real_inputs(num_rows: int, num_draws: int, seed: int = 0) -> dict[str, Any]:
     with torch.no_grad():
         for start in range(0, len(rows), 8):
             x = torch.as_tensor(rows[start:start + 8])
-            logp = torch.log_softmax(model(input_ids=x).logits[:, :-1].float(), dim=-1).reshape(-1, len(tok))
-            top = torch.topk(logp, MAX_K, dim=-1)
+            logits = model(input_ids=x).logits[:, :-1].float()
+            logp = torch.log_softmax(logits, dim=-1).reshape(-1, logits.shape[-1])
+            top = torch.topk(logp, k, dim=-1)
             ids.append(top.indices.to(torch.int32).numpy())
             lps.append(top.values.numpy())
             draws.append(torch.multinomial(logp.exp(), num_draws, replacement=True, generator=gen)
                          .to(torch.int32).numpy())
-    return {"label": "REAL wikitext-2 teacher", "vocab": len(tok), "input_ids": rows.astype(np.int32),
+    return {"label": "REAL wikitext-2 teacher", "vocab": int(model.config.vocab_size), "input_ids": rows.astype(np.int32),
             "ids": np.concatenate(ids), "logprobs": np.concatenate(lps), "draws": np.concatenate(draws)}
 
 
@@ -188,27 +200,31 @@ def row_result(label: str, data: dict[str, Any], encoding: str, k: int | str, n:
 # ---------------------------------------------------------------- codecs under test
 
 
-def bench_kdpipe_topk(data: dict[str, Any], k: int, repeats: int) -> dict[str, Any]:
+def bench_kdpipe_topk(data: dict[str, Any], k: int, repeats: int, id_coding: str = "set") -> dict[str, Any]:
     sids, inputs, positions = row_lists(data)
     ident = identity(TopKEncoding(k=k), data["vocab"])
     lps = np.ascontiguousarray(data["logprobs"][:, :k])
     batch = TopKBatch(sample_ids=sids, input_ids=inputs, positions=positions,
                       ids=np.ascontiguousarray(data["ids"][:, :k]), logprobs=lps)
     block = check_batch(batch, ident)
+    enc = shard_encoding(ident, id_coding)
 
     def encode() -> bytes:
-        return serialize_table(build_table(block, ident), DEFAULT_COMPRESSION_LEVEL)
+        return serialize_table(build_table(block, ident, enc), DEFAULT_COMPRESSION_LEVEL)
 
     blob = encode()
     t_enc = timed(encode, repeats)
     t_dec = timed(lambda: stream_all(blob), repeats)
     rows = read_all(blob)
     ids_dec = np.concatenate([r.ids for r in rows])
-    if not np.array_equal(ids_dec, batch.ids):
-        raise SystemExit("kdpipe topk: decoded ids differ from the input (codec bug)")
+    # "set" lists entries of equal quantized value by rank, not in the teacher's order: compare as sets.
+    if not np.array_equal(np.sort(ids_dec, axis=1), np.sort(batch.ids, axis=1)):
+        raise SystemExit(f"kdpipe topk {id_coding}: decoded ids differ from the input (codec bug)")
+    # Position-wise KL stays exact: reordered entries share one quantized value, hence one decoded log-prob.
     kl = kl_topk(lps, np.concatenate([r.logprobs for r in rows]), np.concatenate([r.tail for r in rows]))
     n = len(lps)
-    return row_result(data["label"], data, "kdpipe topk", k, n, len(blob), kl, t_enc, t_dec, k)
+    name = "kdpipe topk" if id_coding == "set" else f"kdpipe topk {id_coding} (1.0)"
+    return row_result(data["label"], data, name, k, n, len(blob), kl, t_enc, t_dec, k)
 
 
 def bench_kdpipe_sampled(data: dict[str, Any], num_draws: int, repeats: int) -> dict[str, Any]:
@@ -282,14 +298,14 @@ def bench_baseline(data: dict[str, Any], k: int, kind: str, repeats: int) -> dic
     return row_result(data["label"], data, kind, k, len(lps), len(blob), kl, t_enc, t_dec, k)
 
 
-def column_breakdown(data: dict[str, Any], k: int) -> list[dict[str, Any]]:
+def column_breakdown(data: dict[str, Any], k: int, id_coding: str = "set") -> list[dict[str, Any]]:
     """Compressed bytes per token of each kdpipe topk column (each serialized alone, zstd level 3)."""
     sids, inputs, positions = row_lists(data)
     ident = identity(TopKEncoding(k=k), data["vocab"])
     batch = TopKBatch(sample_ids=sids, input_ids=inputs, positions=positions,
                       ids=np.ascontiguousarray(data["ids"][:, :k]),
                       logprobs=np.ascontiguousarray(data["logprobs"][:, :k]))
-    table = build_table(check_batch(batch, ident), ident)
+    table = build_table(check_batch(batch, ident), ident, shard_encoding(ident, id_coding))
     n = len(batch.logprobs)
     out = []
     for name in table.column_names:
@@ -297,40 +313,6 @@ def column_breakdown(data: dict[str, Any], k: int) -> list[dict[str, Any]]:
         out.append({"input": data["label"], "k": k, "column": name,
                     "bytes_per_token": len(serialize_table(one, DEFAULT_COMPRESSION_LEVEL)) / n})
     return out
-
-
-# ---------------------------------------------------------------- id coding study (bytes only)
-
-
-def id_coding_study(data: dict[str, Any], k: int) -> list[dict[str, Any]]:
-    """Bytes per id under zstd for candidate id layouts, on the same data (decides the v1 id coding)."""
-    import zstandard
-
-    ids = np.ascontiguousarray(data["ids"][:, :k]).astype(np.int64)
-    n_bytes = 2 if data["vocab"] <= 1 << 16 else 3
-    cctx = zstandard.ZstdCompressor(level=DEFAULT_COMPRESSION_LEVEL)
-
-    def planes_size(x: np.ndarray) -> int:
-        u = x.astype("<u4").view(np.uint8).reshape(-1, 4)
-        return sum(len(cctx.compress(np.ascontiguousarray(u[:, b]).tobytes())) for b in range(n_bytes))
-
-    counts = np.bincount(ids.reshape(-1), minlength=data["vocab"])
-    rank_of = np.empty(data["vocab"], np.int64)
-    rank_of[np.argsort(-counts, kind="stable")] = np.arange(data["vocab"])
-    # The rank -> id table a shard would carry, amortized over a 1M-position shard.
-    table_per_id = int((counts > 0).sum()) * 4 / (1_000_000 * k)
-    sorted_ids = np.sort(ids, axis=1)
-    gaps = np.diff(sorted_ids, axis=1, prepend=0)
-    variants = {
-        "raw id, byte planes (v1)": (planes_size(ids), 0.0),
-        "raw id, little-endian interleaved": (len(cctx.compress(ids.astype(f"<u{2 if n_bytes == 2 else 4}").tobytes())),
-                                              0.0),
-        "per-shard frequency rank, byte planes": (planes_size(rank_of[ids]), table_per_id),
-        "sorted ids as gaps, byte planes (+ permutation not counted)": (planes_size(gaps), 0.0),
-    }
-    n = ids.size
-    return [{"input": data["label"], "k": k, "id layout": name, "bytes_per_id": b / n + extra,
-             "of which table (1M-position shards)": extra} for name, (b, extra) in variants.items()]
 
 
 # ---------------------------------------------------------------- main
@@ -343,10 +325,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per figure (default 5; quick 3)")
     ap.add_argument("--draws", type=int, nargs="+", default=[16, 32], help="sampled num_draws to measure")
     ap.add_argument("--no-real", action="store_true", help="skip the wikitext teacher (synthetic only)")
+    ap.add_argument("--teacher", type=str, default=None,
+                    help="a local HF causal LM folder: compare the topk id codings on it (k=64) instead")
+    ap.add_argument("--arrays", type=str, default=None,
+                    help="with --teacher: folder that keeps the teacher's top-64 arrays (loaded when present)")
     ap.add_argument("--json", type=str, default=None, help="also write the rows as JSON to this file")
     args = ap.parse_args(argv)
     rows_n = args.rows or (24 if args.quick else 128)
     repeats = args.repeats or (3 if args.quick else 5)
+    if args.teacher:
+        from benchmarks import codec_teacher
+
+        out = codec_teacher.run(args.teacher, rows_n, repeats, args.arrays)
+    else:
+        out = toy_and_synthetic(args, rows_n, repeats)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({**out, "rows": rows_n, "repeats": repeats, "seq_len": SEQ_LEN, "load_average": os.getloadavg()[0],
+                       "cpu_count": os.cpu_count(),
+                       "timing": "tokens/s from process CPU time (one thread); *_wall from wall time"}, fh, indent=2)
+    return 0
+
+
+def toy_and_synthetic(args: argparse.Namespace, rows_n: int, repeats: int) -> dict[str, Any]:
     inputs = []
     if not args.no_real:
         t0 = time.perf_counter()
@@ -354,13 +355,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# real teacher pass: {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     inputs.append(synthetic_inputs(rows_n, max(args.draws)))
     results: list[dict[str, Any]] = []
-    study: list[dict[str, Any]] = []
     breakdown: list[dict[str, Any]] = []
     for data in inputs:
         for k in (16, 64, 128):
             base = bench_baseline(data, k, "int32+float32 raw", repeats)
             group = [base, bench_baseline(data, k, "int32+float32 zstd", repeats),
                      bench_baseline(data, k, "int32+bf16 zstd", repeats), bench_kdpipe_topk(data, k, repeats)]
+            if k == 64:
+                group.append(bench_kdpipe_topk(data, k, repeats, id_coding="planes"))
             for r in group:
                 r["size_vs_raw"] = r["bytes_per_token"] / base["bytes_per_token"]
                 r["decode_vs_raw"] = r["decode_tokens_per_s"] / base["decode_tokens_per_s"]
@@ -371,24 +373,15 @@ def main(argv: list[str] | None = None) -> int:
                          and x["encoding"] == "int32+float32 raw")
             r["size_vs_raw"] = r["bytes_per_token"] / raw64["bytes_per_token"]
             results.append(r)
-        study += id_coding_study(data, 64)
         breakdown += column_breakdown(data, 64)
     cols = ["input", "encoding", "k", "vocab_size", "bytes_per_token", "bytes_per_entry", "kl_nats",
             "encode_tokens_per_s", "decode_tokens_per_s", "size_vs_raw", "decode_vs_raw"]
-    load = os.getloadavg()[0]
     print(f"\n## codec (one thread; tokens/s from process CPU time, median of {repeats}; {rows_n} rows x "
-          f"{SEQ_LEN - 1} positions per input; load average {load:.1f} on {os.cpu_count()} cores)\n")
+          f"{SEQ_LEN - 1} positions per input; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)\n")
     print_table(results, cols)
-    print("\n## id layouts at k=64 (zstd level 3, bytes per stored id; chooses the v1 id coding)\n")
-    print_table(study, ["input", "k", "id layout", "bytes_per_id", "of which table (1M-position shards)"])
     print("\n## kdpipe topk k=64: compressed bytes per token of each column (serialized alone)\n")
     print_table(breakdown, ["input", "k", "column", "bytes_per_token"])
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"codec": results, "id_layouts": study, "columns": breakdown, "rows": rows_n, "repeats": repeats,
-                       "seq_len": SEQ_LEN, "load_average": load, "cpu_count": os.cpu_count(),
-                       "timing": "tokens/s from process CPU time (one thread); *_wall from wall time"}, fh, indent=2)
-    return 0
+    return {"codec": results, "columns": breakdown}
 
 
 if __name__ == "__main__":

@@ -78,8 +78,9 @@ def check_finite(x: np.ndarray, locate: Locate, field: str) -> None:
 
 
 # Per-position log-normaliser code: int16 in units of 2^-15 nats (range ±1 nat, enough for
-# |ln Z| <= value_step/2 <= 0.5); its rounding error ends up in the tail bucket, so it must be fine.
+# |ln(M / (1 - tail))| <= value_step/2 <= 0.5); its rounding error ends up in the tail bucket, so it must be fine.
 NORM_SCALE = 32768.0
+NORM_CODE_MAX = 32767
 
 
 @dataclass
@@ -106,8 +107,8 @@ def decode_tail(code: np.ndarray) -> np.ndarray:
 
 
 def exact_tail(logprobs: np.ndarray) -> np.ndarray:
-    """1 - sum(exp(logprobs)) per position, accumulated in float64, clipped to [0, 1]."""
-    mass = np.exp(logprobs).sum(axis=1, dtype=np.float64)
+    """1 - sum(exp(logprobs)) per position, exp and sum in float64 (SPEC §3.1), clipped to [0, 1]."""
+    mass = np.exp(np.asarray(logprobs, dtype=np.float64)).sum(axis=1)
     return np.clip(1.0 - mass, 0.0, 1.0)
 
 
@@ -144,6 +145,39 @@ def _quantize(logprobs: np.ndarray, value_step: float) -> np.ndarray:
     return q.astype(np.uint8)
 
 
+def _normaliser(q: np.ndarray, tail: np.ndarray, value_step: float, locate: Locate) -> tuple[np.ndarray, np.ndarray]:
+    """``norm_code`` int16 [n] and the tail it leaves, ``1 - exp(-norm_code/2^15) * M`` (SPEC §3.1, writer rule 1.1).
+
+    The decoded top-k mass should be the exact top-k mass ``1 - tail``, so the tail keeps its own
+    value instead of being divided by ``M + tail`` (a 1.0 writer's rule: up to ``step/2`` relative
+    error on the tail). The code is the nearest point of the 2^-15 grid, but never so small that
+    the tail would go negative. ``M`` in float64: float32 sums broke the sum bound by up to 2e-6.
+    """
+    table = np.exp(-np.arange(MAX_VALUE_CODE + 1, dtype=np.float64) * value_step)
+    mass = table[q].sum(axis=1)
+    with np.errstate(divide="ignore"):
+        log_mass = np.log(mass)
+        target = np.rint((log_mass - np.log1p(-tail)) * NORM_SCALE)  # +inf where the tail is 1
+    lowest = np.ceil(log_mass * NORM_SCALE)  # the smallest code whose tail is >= 0
+    if (lowest > NORM_CODE_MAX).any():
+        i = int(np.flatnonzero(lowest > NORM_CODE_MAX)[0])
+        raise EncodingError(f"logprobs at {locate(i)} add up to a probability mass of {float(mass[i]):.4g} (quantized), "
+                            "far above 1: pass log-softmax values (log-probabilities), not raw logits")
+    norm_code = np.clip(np.maximum(target, lowest), -NORM_CODE_MAX, NORM_CODE_MAX).astype(np.int16)
+    tail_dec = np.clip(1.0 - np.exp(-norm_code / NORM_SCALE) * mass, 0.0, 1.0)
+    return norm_code, tail_dec
+
+
+@dataclass
+class QuantizedTopK:
+    """The checked, quantized top-k of a block of positions, before any id/value layout (SPEC §3.1)."""
+
+    ids: np.ndarray  # [n, k], entries ordered by log-prob descending
+    q: np.ndarray  # uint8 [n, k]: round(-logprob / value_step), clamped to [0, 255]
+    tail_code: np.ndarray  # uint16 [n]
+    norm_code: np.ndarray  # int16 [n]
+
+
 def encode_topk(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray | None, *, value_step: float,
                 id_limit: int, locate: Locate, row_lengths: np.ndarray | None = None) -> EncodedTopK:
     """Encode ``[n, k]`` ids/log-probs (sorted descending here if needed) and the tail into v1 streams.
@@ -151,6 +185,16 @@ def encode_topk(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray | None, 
     ``row_lengths`` are the rows' position counts (the value deltas restart at each row so a row
     decodes on its own); default: one row.
     """
+    t = quantize_topk(ids, logprobs, tail, value_step=value_step, id_limit=id_limit, locate=locate)
+    n, k = t.q.shape
+    lengths = np.array([n], np.int64) if row_lengths is None else np.asarray(row_lengths, np.int64)
+    return EncodedTopK(values=row_delta(t.q, lengths * k), id_planes=split_planes(t.ids, id_bytes_for(id_limit)),
+                       tail_code=t.tail_code, norm_code=t.norm_code)
+
+
+def quantize_topk(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray | None, *, value_step: float,
+                  id_limit: int, locate: Locate) -> QuantizedTopK:
+    """Check ``[n, k]`` ids/log-probs and the tail, sort entries descending, quantize, and code norm and tail."""
     n, k = logprobs.shape
     logprobs = np.asarray(logprobs, dtype=np.float32)
     check_finite(logprobs, locate, "logprobs")
@@ -180,17 +224,8 @@ def encode_topk(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray | None, 
             raise EncodingError(f"tail at {locate(i)} is {tail_v[i]!r}; it must be a probability mass in [0, 1]")
         tail_v = np.clip(tail_v, 0.0, 1.0)
     q = _quantize(logprobs, value_step)
-    # Normaliser: Z = sum(exp(-q*step)) + tail. Stored as ceil(ln Z) on a 2^-15 grid, so that
-    # exp(-ln Z') * sum <= 1 and the tail bucket (1 - that) is never negative.
-    # float32 is plenty for the quantized mass: its relative error (~1e-7) is far below the 2^-15 code step.
-    table = np.exp(-np.arange(MAX_VALUE_CODE + 1, dtype=np.float64) * value_step).astype(np.float32)
-    mass = table[q].sum(axis=1, dtype=np.float32).astype(np.float64) if k else np.zeros(n)
-    log_z = np.log(mass + tail_v) if n else np.zeros(0)
-    norm_code = np.clip(np.ceil(log_z * NORM_SCALE), -32767, 32767).astype(np.int16)
-    tail_dec = np.clip(1.0 - np.exp(-norm_code / NORM_SCALE) * mass, 0.0, 1.0)
-    lengths = np.array([n], np.int64) if row_lengths is None else np.asarray(row_lengths, np.int64)
-    return EncodedTopK(values=row_delta(q, lengths * k), id_planes=split_planes(ids, id_bytes_for(id_limit)),
-                       tail_code=encode_tail(tail_dec), norm_code=norm_code)
+    norm_code, tail_dec = _normaliser(q, tail_v, value_step, locate)
+    return QuantizedTopK(ids=ids, q=q, tail_code=encode_tail(tail_dec), norm_code=norm_code)
 
 
 def decode_topk(values: np.ndarray, id_planes: list[np.ndarray], tail_code: np.ndarray, norm_code: np.ndarray, *,
@@ -198,8 +233,8 @@ def decode_topk(values: np.ndarray, id_planes: list[np.ndarray], tail_code: np.n
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Decode to ``ids`` int32 [n, k], ``logprobs`` float32 [n, k] (descending), ``tail`` float32 [n].
 
-    ``logprobs = -q * value_step - norm``: the top-k plus the tail sum to 1 (within 2.5e-4 of
-    the tail). ``row_offsets``: entry offsets of the rows in ``values`` (default: one row).
+    ``logprobs = -q * value_step - norm``: the top-k plus the tail sum to 1 within SPEC §3.1's
+    bound (``2.5e-4 * tail + 1e-5``). ``row_offsets``: entry offsets of the rows in ``values`` (default: one row).
     """
     n = len(tail_code)
     offsets = np.array([0, len(values)], np.int64) if row_offsets is None else row_offsets

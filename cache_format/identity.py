@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,10 +26,11 @@ def encoding_from_dict(d: Any, where: str = "encoding") -> Encoding:
     except EncodingError:
         raise ManifestError(f"{where}.kind is {d['kind']!r}; this library reads "
                             + ", ".join(repr(k) for k in ENCODINGS)) from None
-    # A field without a default is required; the others fall back to their defaults when absent.
+    # A field without a default is required, and so are those of READ_REQUIRED (SPEC §2: a reader never
+    # guesses a quantization step or a temperature); the others fall back to their defaults when absent.
     try:
-        kwargs = {f.name: d[f.name] if f.default is dataclasses.MISSING else d.get(f.name, f.default)
-                  for f in dataclasses.fields(params)}
+        kwargs = {f.name: d[f.name] if f.default is dataclasses.MISSING or f.name in READ_REQUIRED
+                  else d.get(f.name, f.default) for f in dataclasses.fields(params)}
         return params(**kwargs)  # type: ignore[no-any-return]
     except KeyError as exc:
         raise ManifestError(f"{where} of kind {d['kind']!r} lacks the field {exc.args[0]!r}") from None
@@ -36,8 +38,12 @@ def encoding_from_dict(d: Any, where: str = "encoding") -> Encoding:
         raise ManifestError(f"{where}: {exc}") from None
 
 
+# Encoding parameters a manifest MUST state although the dataclasses give them defaults (SPEC §2).
+READ_REQUIRED = frozenset({"value_step", "temperature"})
 # Sections of the identity that are compared; ``run`` is deliberately absent.
 COMPARED_SECTIONS = ("teacher", "tokenizer", "recipe", "dataset", "encoding")
+# Format versions whose identity fingerprint is Python's json.dumps text (SPEC appendix A); later ones use JCS.
+LEGACY_FINGERPRINT_VERSIONS = frozenset({"1.0"})
 
 
 @dataclass(frozen=True)
@@ -56,8 +62,8 @@ class CacheIdentity:
             value = getattr(self, name)
             if not isinstance(value, dict):
                 raise EncodingError(f"CacheIdentity.{name} must be a dict, got {type(value).__name__}")
-            try:
-                json.dumps(value, allow_nan=False)
+            try:  # UTF-8 encodable too: a lone surrogate would fail the fingerprint's JCS text later
+                json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8")
             except (TypeError, ValueError) as exc:
                 raise EncodingError(f"CacheIdentity.{name} must be JSON-serialisable: {exc}") from None
         kinds = tuple(f.params for f in ENCODINGS.values())
@@ -107,9 +113,20 @@ class CacheIdentity:
         """Human-readable differences, e.g. ``teacher.revision: 'abc' != 'def'``; empty when compatible."""
         return _diff(self.comparable(), other.comparable(), "")
 
-    def fingerprint(self) -> str:
-        """sha256 of the compared identity: equal fingerprints mean resumable/mergeable caches."""
-        blob = json.dumps(self.comparable(), sort_keys=True, separators=(",", ":")).encode()
+    def fingerprint(self, format_version: str | None = None) -> str:
+        """``identity_fingerprint`` by the rule of ``format_version`` (default: the version this library writes).
+
+        SPEC §2.2: ``sha256:`` + hex of the RFC 8785 (JCS) text of the compared identity; format
+        1.0 hashed Python's ``json.dumps(..., sort_keys=True, separators=(",", ":"))`` instead.
+        """
+        if format_version is None:
+            from cache_format.shard import FORMAT_VERSION  # here: shard imports this module
+
+            format_version = FORMAT_VERSION
+        if format_version in LEGACY_FINGERPRINT_VERSIONS:
+            blob = json.dumps(self.comparable(), sort_keys=True, separators=(",", ":")).encode()
+        else:
+            blob = canonical_json(self.comparable()).encode("utf-8")
         return "sha256:" + hashlib.sha256(blob).hexdigest()
 
 
@@ -130,10 +147,64 @@ def _diff(a: Any, b: Any, path: str) -> list[str]:
     return [] if a == b else [f"{path}: {a!r} != {b!r}"]
 
 
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """sha256 over the sorted vocabulary, the special tokens and the vocab size of any HF tokenizer.
+def canonical_json(value: Any) -> str:
+    """RFC 8785 (JCS) text of a JSON value: members sorted by UTF-16 code units, no whitespace,
+    ECMAScript number formatting, only ``"``, ``\\`` and control characters escaped.
 
-    Duck-typed (``get_vocab()``, ``all_special_tokens``, ``len()``) so transformers is never imported.
+    Python ints count as JSON numbers (IEEE doubles, as JCS says): exact below 2**53.
+    """
+    if value is None or isinstance(value, bool):
+        return "null" if value is None else "true" if value else "false"
+    if isinstance(value, int | float):
+        return _jcs_number(value)
+    if isinstance(value, str):
+        value.encode("utf-8")  # a lone surrogate is not Unicode text: JCS refuses it, and so does this
+        return json.dumps(value, ensure_ascii=False)  # the same escapes as JCS: \b \t \n \f \r \" \\ and \u00xx
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(canonical_json(v) for v in value) + "]"
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) for k in value):
+            raise TypeError("canonical_json: object keys must be strings")
+        keys = sorted(value, key=lambda k: k.encode("utf-16-be"))
+        return "{" + ",".join(canonical_json(k) + ":" + canonical_json(value[k]) for k in keys) + "}"
+    raise TypeError(f"canonical_json: {type(value).__name__} is not a JSON value")
+
+
+def _jcs_number(x: int | float) -> str:
+    """ECMAScript Number::toString of ``x`` (shortest round-trip digits), as RFC 8785 §3.2.2.3 requires."""
+    if isinstance(x, int) and abs(x) < 2**53:
+        return str(x)
+    x = float(x)
+    if not math.isfinite(x):
+        raise ValueError("canonical_json: NaN and Infinity are not JSON")
+    if x == 0:
+        return "0"  # also -0
+    mantissa, _, exp = repr(abs(x)).partition("e")  # repr: the shortest digits that read back as x
+    whole, _, frac = mantissa.partition(".")
+    digits = (whole + frac).lstrip("0")
+    n = len(whole) + int(exp or 0) - (len(whole + frac) - len(digits))  # value = 0.<digits> * 10**n
+    digits = digits.rstrip("0")
+    k = len(digits)
+    if k <= n <= 21:
+        text = digits + "0" * (n - k)
+    elif 0 < n <= 21:
+        text = digits[:n] + "." + digits[n:]
+    elif -6 < n <= 0:
+        text = "0." + "0" * -n + digits
+    else:
+        e = n - 1
+        text = (digits[0] + ("." + digits[1:] if k > 1 else "") + "e" + ("+" if e >= 0 else "-") + str(abs(e)))
+    return "-" + text if x < 0 else text
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """SPEC §2.2: sha256 over the vocabulary, the special tokens and the vocab size of any HF tokenizer.
+
+    The hashed text is ``{"vocab":[[token,id],...],"special_tokens":[...],"vocab_size":N}``:
+    members in that order (fixed since format 1.0, so every cache's fingerprint still compares),
+    pairs sorted by token then id and special tokens sorted, both by code point, no whitespace,
+    strings escaped as in JCS, UTF-8. Duck-typed (``get_vocab()``, ``all_special_tokens``,
+    ``len()``) so transformers is never imported.
     """
     get_vocab = getattr(tokenizer, "get_vocab", None)
     if get_vocab is None:

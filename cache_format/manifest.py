@@ -17,7 +17,14 @@ import numpy as np
 
 from cache_format.errors import ManifestError, ManifestTooLargeError, UnsafePathError, UnsupportedVersionError
 from cache_format.identity import CacheIdentity
-from cache_format.shard import FORMAT_MAJOR, FORMAT_NAME, FORMAT_VERSION, shard_encoding
+from cache_format.shard import (
+    FORMAT_MAJOR,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    check_encoding_version,
+    format_version,
+    shard_encoding,
+)
 
 MANIFEST_NAME = "manifest.json"
 # Written at creation, removed by finalize(): marks an unfinished cache and holds its identity.
@@ -133,11 +140,11 @@ def build_manifest(identity: CacheIdentity, shard_encoding: dict[str, Any], shar
     shards = sorted(shards, key=lambda s: (s.unit, s.part))
     return {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version(shard_encoding),
         "created_at": created_at or now_iso(),
         "producer": PRODUCER,
         "identity": identity.to_dict(),
-        "identity_fingerprint": identity.fingerprint(),
+        "identity_fingerprint": identity.fingerprint(format_version(shard_encoding)),  # the rule of that version
         "shard_encoding": shard_encoding,
         "shards": [s.to_dict() for s in shards],
         "units": sorted(units),
@@ -281,6 +288,7 @@ def validate_manifest(d: Any, source: str) -> Manifest:
     if not isinstance(enc, dict) or any(enc.get(key) != value for key, value in expected.items()):
         raise ManifestError(f"{source}: shard_encoding {printable(repr(enc))} does not match the identity (expected "
                             f"{printable(repr(expected))}); the manifest was edited or is corrupt")
+    check_encoding_version(enc, f"{source}: shard_encoding")
     shards = _parse_shards(d.get("shards"), source)
     units = d.get("units")
     if not isinstance(units, list) or not all(isinstance(u, int) and not isinstance(u, bool) and 0 <= u <= MAX_COUNT

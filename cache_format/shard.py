@@ -18,12 +18,16 @@ import pyarrow as pa
 from cache_format import codec
 from cache_format.encodings import ENCODINGS
 from cache_format.encodings.base import ARROW_ERRORS, ShardColumns, list_array
+from cache_format.encodings.idset import id_coding_of
 from cache_format.errors import EncodingError, ShardCorruptError, UnsupportedVersionError
 from cache_format.identity import CacheIdentity
 from cache_format.rows import BatchRows, DecodedRow, RowBlock, check_common
 
 FORMAT_NAME = "kdpipe-logit-cache"
-FORMAT_VERSION = "1.0"
+# The newest version written; a shard or manifest declares the oldest version that describes it
+# (see format_version): caches written without 1.1 features declare 1.0 and read with any 1.0 reader
+# (their top-k normaliser code is chosen by the 1.1 rule, which decodes by the unchanged 1.0 formula).
+FORMAT_VERSION = "1.1"
 FORMAT_MAJOR = 1
 META_FORMAT = b"kdpipe.format"
 META_VERSION = b"kdpipe.format_version"
@@ -48,17 +52,33 @@ _COMMON_FIELDS = (
 )
 
 
-def shard_encoding(identity: CacheIdentity) -> dict[str, Any]:
-    """The codec parameters repeated in every shard's schema metadata."""
+def shard_encoding(identity: CacheIdentity, id_coding: str = "planes") -> dict[str, Any]:
+    """The codec parameters repeated in every shard's schema metadata.
+
+    ``id_coding`` applies to ``topk`` only: ``"planes"`` (1.0, no ``id_coding`` key) or ``"set"`` (1.1).
+    """
     d = identity.encoding.to_dict()
     if ENCODINGS[identity.encoding.kind].per_position:
         d["id_bytes"] = codec.id_bytes_for(identity.id_limit)
+    if identity.encoding.kind == "topk" and id_coding != "planes":
+        d["id_coding"] = id_coding
     return d
+
+
+def format_version(enc: dict[str, Any]) -> str:
+    """The format version a cache with shard encoding ``enc`` declares: 1.1 only where it needs 1.1."""
+    return "1.1" if enc.get("id_coding") == "set" else "1.0"
+
+
+def check_encoding_version(enc: dict[str, Any], where: str) -> None:
+    """Reject an encoding this library cannot decode although its major version is known (a later minor)."""
+    if enc.get("kind") == "topk":
+        id_coding_of(enc, where)
 
 
 def shard_schema(enc: dict[str, Any], batch_rows: list[int] | None = None) -> pa.Schema:
     fields = [*_COMMON_FIELDS, *ENCODINGS[enc["kind"]].fields(enc)]
-    meta = {META_FORMAT: FORMAT_NAME.encode(), META_VERSION: FORMAT_VERSION.encode(),
+    meta = {META_FORMAT: FORMAT_NAME.encode(), META_VERSION: format_version(enc).encode(),
             META_ENCODING: json.dumps(enc, sort_keys=True).encode()}
     if batch_rows is not None:
         meta[META_BATCH_ROWS] = json.dumps(batch_rows).encode()
@@ -109,9 +129,9 @@ def batch_cuts(block: RowBlock) -> list[tuple[int, int]]:
     return cuts
 
 
-def build_table(block: RowBlock, identity: CacheIdentity) -> pa.Table:
-    """The whole shard as a table whose record batches follow :func:`batch_cuts`."""
-    enc = shard_encoding(identity)
+def build_table(block: RowBlock, identity: CacheIdentity, enc: dict[str, Any] | None = None) -> pa.Table:
+    """The whole shard as a table whose record batches follow :func:`batch_cuts` (``enc``: default 1.0 planes)."""
+    enc = shard_encoding(identity) if enc is None else enc
     cols = encode_block(block, identity, enc)
     cuts = batch_cuts(block)
     schema = shard_schema(enc, [b - a for a, b in cuts])
@@ -156,6 +176,7 @@ def read_shard_encoding(schema: pa.Schema, shard: str) -> dict[str, Any]:
         raise ShardCorruptError(f"shard {shard}: schema metadata kdpipe.encoding is missing or not JSON") from None
     if not isinstance(enc, dict):
         raise ShardCorruptError(f"shard {shard}: schema metadata kdpipe.encoding must be a JSON object")
+    check_encoding_version(enc, f"shard {shard}: schema metadata kdpipe.encoding")
     return enc
 
 

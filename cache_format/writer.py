@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from cache_format._cache_dir import prepare_cache_dir
-from cache_format._shard_assembly import ShardAssembler
+from cache_format._shard_assembly import ShardAssembler, resolve_id_coding
 from cache_format.encodings import Batch, check_batch
 from cache_format.errors import CacheError, DuplicateError, WriterStateError
 from cache_format.identity import CacheIdentity
@@ -46,7 +46,10 @@ class CacheWriter:
 
     def __init__(self, root: str | os.PathLike[str], identity: CacheIdentity, mode: str = "create", *,
                  max_shard_rows: int = DEFAULT_MAX_SHARD_ROWS, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                 queue_size: int = DEFAULT_QUEUE_SIZE, compression_level: int = DEFAULT_COMPRESSION_LEVEL) -> None:
+                 queue_size: int = DEFAULT_QUEUE_SIZE, compression_level: int = DEFAULT_COMPRESSION_LEVEL,
+                 id_coding: str | None = None) -> None:
+        """``id_coding`` (``topk`` only): ``"set"`` (format 1.1, the default for a new cache) or ``"planes"``
+        (format 1.0); ``None`` also means: on resume, whatever the cache's shards already use."""
         if is_remote(root):
             raise CacheError(f"CacheWriter writes local directories only, got {root}; write locally, then "
                              "upload with `kdpipe cache copy LOCAL URL` (cache_format.copy_cache)")
@@ -61,10 +64,12 @@ class CacheWriter:
         self.root = Path(str(root)[len("file://"):] if str(root).startswith("file://") else root)
         self.identity = identity
         self.mode = mode
+        id_coding = resolve_id_coding(id_coding, self.root, mode)
         done, created_at = prepare_cache_dir(self.root, identity, mode)
         self._resumed_units = frozenset(done)
         self._assembler = ShardAssembler(self.root, identity, done, created_at, max_shard_rows=max_shard_rows,
-                                         max_shard_bytes=max_shard_bytes, compression_level=compression_level)
+                                         max_shard_bytes=max_shard_bytes, compression_level=compression_level,
+                                         id_coding=id_coding)
         # Shared with the background thread, which adds the encode/write times and counts.
         self.stats = self._assembler.stats
         self._ended: set[int] = set()

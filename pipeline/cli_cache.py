@@ -34,7 +34,6 @@ def cache_summary(path: str, storage_options: dict[str, Any] | None = None) -> d
     r = open_cache(path, storage_options)
     m = r.manifest
     ident = r.identity
-    per = m.num_positions or m.num_rows
     return {
         "path": path,
         "format_version": m.format_version,
@@ -45,13 +44,15 @@ def cache_summary(path: str, storage_options: dict[str, Any] | None = None) -> d
         "recipe": ident.recipe,
         "dataset": ident.dataset,
         "encoding": ident.encoding.to_dict(),
-        "identity_fingerprint": ident.fingerprint(),
+        "identity_fingerprint": ident.fingerprint(m.format_version),  # by the rule of the cache's version
         "rows": m.num_rows,
         "tokens": m.num_tokens,
         "positions": m.num_positions,
         "bytes": m.num_bytes,
-        # Per target position (a token with a stored distribution); per row for class_logits caches.
-        "bytes_per_token" if m.num_positions else "bytes_per_row": (m.num_bytes / per) if per else None,
+        # A target position is a token with a stored distribution; class_logits caches have none (per row instead).
+        "bytes_per_position" if m.num_positions else "bytes_per_row":
+            m.num_bytes / (m.num_positions or m.num_rows) if m.num_positions or m.num_rows else None,
+        "bytes_per_input_token": m.num_bytes / m.num_tokens if m.num_tokens else None,
         "shards": len(m.shards),
         "units": len(m.units),
     }
@@ -61,7 +62,7 @@ def cache_summary(path: str, storage_options: dict[str, Any] | None = None) -> d
 def info(path: Annotated[str, typer.Argument(help="Cache directory or URL (s3://, gs://, hf://, file://).")],
          as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
          endpoint_url: EndpointOpt = None, anon: AnonOpt = False) -> None:
-    """Teacher, tokenizer, encoding, rows, tokens, bytes per token and shards of a cache."""
+    """Teacher, tokenizer, encoding, rows, tokens, bytes per target position and per input token, and shards."""
     from cache_format.manifest import printable
 
     s = cache_summary(path, _storage_options(endpoint_url, anon))
@@ -69,7 +70,6 @@ def info(path: Annotated[str, typer.Argument(help="Cache directory or URL (s3://
         typer.echo(json.dumps(s, indent=2))  # ensure_ascii: control characters come out as \u001b, never raw
         return
     t, tok, enc = s["teacher"], s["tokenizer"], s["encoding"]
-    per_key = "bytes_per_token" if "bytes_per_token" in s else "bytes_per_row"
     lines = [
         f"cache      {s['path']}  (format {s['format_version']}, created {s['created_at']})",
         f"teacher    {t.get('name')} @ {t.get('revision')}  dtype={t.get('dtype')} backend={t.get('backend')}",
@@ -78,13 +78,16 @@ def info(path: Annotated[str, typer.Argument(help="Cache directory or URL (s3://
         "encoding   " + " ".join(f"{k}={v}" for k, v in enc.items()),
         f"recipe     {s['recipe'].get('task')}   dataset {s['dataset'].get('name')} {s['dataset'].get('split') or ''}",
         f"rows       {s['rows']}   tokens {s['tokens']}   target positions {s['positions']}",
-        f"bytes      {s['bytes']}   {per_key.replace('_', ' ')} {s[per_key]:.2f}"
-        + ("  (per target position)" if per_key == "bytes_per_token" else "") if s[per_key] is not None
-        else f"bytes      {s['bytes']}",
+        f"bytes      {s['bytes']}" + _per(s, "bytes_per_position", "per target position")
+        + _per(s, "bytes_per_row", "per row") + _per(s, "bytes_per_input_token", "per input token"),
         f"shards     {s['shards']}   units {s['units']}",
     ]
     # Manifest strings come from whoever shared the cache: no escape sequence may reach the terminal.
     typer.echo("\n".join(printable(line, 1000) for line in lines))
+
+
+def _per(s: dict[str, Any], key: str, label: str) -> str:
+    return f"   {label} {s[key]:.2f}" if s.get(key) is not None else ""
 
 
 @cache_app.command("verify")

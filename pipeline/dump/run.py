@@ -26,7 +26,6 @@ what SPEC §1 lists.
 from __future__ import annotations
 
 import json
-import re
 import sys
 import time
 from collections.abc import Iterator
@@ -198,29 +197,16 @@ def _encoding(cfg: DumpConfig, info: _ModelInfo) -> Any:
     return TopKEncoding(k=cfg.top_k, temperature=cfg.temperature)
 
 
-# Files whose bytes define a local model; tokenizer files are covered by the tokenizer fingerprint.
-_WEIGHT_FILE = re.compile(r"(\.safetensors|\.bin|\.pt|\.gguf|config\.json|generation_config\.json)$")
-
-
 def local_weights_hash(folder: Path) -> str | None:
-    """``sha256:<hex>`` over the names and bytes of a local model folder's weight and config files.
+    """``teacher.revision`` of a local model folder (SPEC §2.2): a content hash of its weight and config files.
 
     A local path says nothing about which weights it held when the cache was made, so the
     identity records their content: resuming into (or training from) a cache made with other
     weights under the same path is then refused. Returns None for a folder without such files.
     """
-    import hashlib
+    from pipeline.dump.fingerprints import weights_revision
 
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and _WEIGHT_FILE.search(p.name))
-    if not files:
-        return None
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")
-        with path.open("rb") as fh:
-            while chunk := fh.read(1 << 22):
-                digest.update(chunk)
-    return "sha256:" + digest.hexdigest()
+    return weights_revision(folder)
 
 
 def _teacher_identity(cfg: DumpConfig, info: _ModelInfo) -> dict[str, Any]:

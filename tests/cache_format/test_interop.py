@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import re
 from pathlib import Path
 
@@ -18,9 +19,10 @@ from helpers.cache import write_topk_cache
 SPEC = Path(cache_format.__file__).parent / "SPEC.md"
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_topk_cache(tmp_path_factory.mktemp("interop") / "c", units=2, rows_per_unit=3)
+@pytest.fixture(scope="module", params=["set", "planes"])  # format 1.1 (the default) and 1.0
+def cache(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
+    return write_topk_cache(tmp_path_factory.mktemp("interop") / "c", units=2, rows_per_unit=3,
+                            id_coding=request.param)
 
 
 def spec_snippet() -> str:
@@ -50,7 +52,8 @@ def test_shards_are_plain_arrow_ipc_files_with_zstd(cache: Path) -> None:
         reader = pa.ipc.open_file(str(cache / info.name))
         table = reader.read_all()
         assert table.num_rows == info.rows
-        assert table.schema.metadata[b"kdpipe.format_version"] == b"1.0"
+        coding = json.loads(table.schema.metadata[b"kdpipe.encoding"]).get("id_coding", "planes")
+        assert table.schema.metadata[b"kdpipe.format_version"] == {"set": b"1.1", "planes": b"1.0"}[coding]
         assert table.column("sample_id").type == pa.string()
 
 
@@ -61,4 +64,5 @@ def test_hf_datasets_loads_the_shards(cache: Path) -> None:
                                cache_dir=str(cache.parent / "hf-cache"))
     assert ds.num_rows == 6
     assert ds["sample_id"] == [r.sample_id for r in open_cache(cache).iter_rows()]
-    assert {"input_ids", "positions", "topk_values", "topk_id_b0", "tail_code", "norm_code"} <= set(ds.column_names)
+    assert {"input_ids", "positions", "tail_code", "norm_code"} <= set(ds.column_names)
+    assert {"topk_values", "topk_id_b0"} <= set(ds.column_names) or {"topk_set_gap", "topk_qoff"} <= set(ds.column_names)

@@ -87,7 +87,8 @@ def test_cli_info_verify_merge(tmp_path: Path) -> None:
     root = write_topk_cache(tmp_path / "c", units=2)
     res = runner.invoke(cache_app, ["info", str(root)])
     assert res.exit_code == 0, res.output
-    assert "toy-teacher" in res.output and "k=8" in res.output and "bytes per token" in res.output
+    assert "toy-teacher" in res.output and "k=8" in res.output
+    assert "per target position" in res.output and "per input token" in res.output
     res = runner.invoke(cache_app, ["info", "--json", str(root)])
     info = json.loads(res.output)
     assert info["rows"] == 8 and info["positions"] == 88 and info["shards"] == 2

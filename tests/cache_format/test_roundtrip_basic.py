@@ -25,7 +25,8 @@ def test_topk_round_trip_is_close_and_normalised(tmp_path: Path) -> None:
     assert [r.sample_id for r in rows] == [f"u{u}-r{i}" for u in range(2) for i in range(3)]
     exact = topk_batch([f"u0-r{i}" for i in range(3)], seed=0)
     got = np.concatenate([r.logprobs for r in rows[:3]])
-    np.testing.assert_array_equal(np.concatenate([r.ids for r in rows[:3]]), exact.ids)
+    # The default id coding (1.1 "set") lists entries of equal quantized value by rank: compare id sets.
+    np.testing.assert_array_equal(np.sort(np.concatenate([r.ids for r in rows[:3]]), axis=1), np.sort(exact.ids, axis=1))
     # Quantization step 1/8 nat: each value within step/2 before renormalisation, within a step after.
     assert np.abs(got - exact.logprobs).max() <= 0.125
     total = np.exp(got.astype(np.float64)).sum(axis=1) + np.concatenate([r.tail for r in rows[:3]])

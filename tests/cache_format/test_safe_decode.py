@@ -47,7 +47,7 @@ def root(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> Path:
     """A private copy of one valid top-k cache (2 units x 4 rows), built once per session."""
     pristine = tmp_path_factory.getbasetemp() / "safe-decode-pristine"
     if not pristine.exists():
-        write_topk_cache(pristine, units=2)
+        write_topk_cache(pristine, units=2, id_coding="planes")  # the cases edit 1.0 columns (test_idset: 1.1's)
     return Path(shutil.copytree(pristine, tmp_path / "c"))
 
 

@@ -86,7 +86,9 @@ def write_base(cache: Path, base: Base = Base(), *, kind: str = "topk", ident: C
     """The valid small cache every case starts from: 2 units (one shard each) x 4 rows x 12 tokens."""
     enc = TopKEncoding(k=K) if kind == "topk" else SampledEncoding(num_draws=NUM_DRAWS)
     ident = ident or base_identity(base, enc)
-    with CacheWriter(cache, ident) as w:
+    # The cases edit 1.0 columns (topk_values, topk_id_b*); the 1.1 set columns' own hostile cases are in
+    # tests/cache_format/test_idset.py.
+    with CacheWriter(cache, ident, id_coding="planes") as w:
         for u in range(UNITS):
             sids = [f"u{u}-r{i}" for i in range(ROWS_PER_UNIT)]
             if kind == "topk":

@@ -51,7 +51,8 @@ def test_lm_dump_matches_teacher(tiny_lm_dir: Path, data_dir: Path, tmp_path: Pa
     stride = default_stride(32)  # the window's new tokens are its targets
     np.testing.assert_array_equal(r.positions, np.arange(32 - stride - 1, 31))
     ids, lps = hf_teacher.topk([r.input_ids], [r.positions], 8)
-    np.testing.assert_array_equal(r.ids, ids)
+    # Caches list entries of equal quantized value by rank (id_coding "set", SPEC §3.1.1): compare id sets.
+    np.testing.assert_array_equal(np.sort(r.ids, axis=1), np.sort(ids, axis=1))
     # Stored log-probs are quantized (step 1/8) and renormalised with the tail.
     assert np.abs(r.logprobs - lps).max() < 0.1
     man = open_cache(str(out)).manifest
