@@ -147,3 +147,63 @@ def eval_reasoning(
     out["em_examples"] = len(refs)
     out["sample_prediction"] = preds[0][:300] if preds else ""
     return out
+
+
+# --------------------------------------------------------------------------- real teacher (issue 13)
+
+
+def _row_batches(rows: list[Any], batch_size: int) -> Any:
+    """``(input_ids [B, T], [(row, positions)])`` for rows of equal length (the dump's LM rows)."""
+    import torch
+
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i : i + batch_size]
+        yield torch.as_tensor(np.stack([r.input_ids for r in chunk]), dtype=torch.long), chunk
+
+
+def lm_rows_forward(model: Any, rows: list[Any], batch_size: int = 4) -> Any:
+    """Per row: the model's logits at the row's target positions (``[n, V]``) and the targets (``[n]``)."""
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        for x, chunk in _row_batches(rows, batch_size):
+            logits = model(input_ids=x).logits
+            for j, r in enumerate(chunk):
+                pos = torch.as_tensor(r.positions, dtype=torch.long)
+                yield logits[j, pos].float(), x[j, pos + 1]
+
+
+def eval_lm_rows(model: Any, rows: list[Any], *, teacher_logits: list[Any] | None = None,
+                 ks: tuple[int, ...] = (), batch_size: int = 4) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Perplexity, acc@1, acc@5 (``pipeline.eval.metrics.lm_token_stats``) over the rows' targets.
+
+    Also per target: the NLL, and with ``ks`` (the teacher's own evaluation) the entropy, the
+    rank of the true token and the mass outside the top k. ``teacher_logits`` (``[n, V]`` per row,
+    for the first rows) adds top-1 agreement and KL(teacher || student) on those rows.
+    """
+    import torch
+
+    from pipeline.eval.metrics import AgreementStats, LMStats, agreement_dense, lm_token_stats
+
+    stats, agree = LMStats(), AgreementStats()
+    per: dict[str, list[np.ndarray]] = {"nll": [], "position": []}
+    if ks:
+        per.update({key: [] for key in ("entropy", "rank", *(f"tail{k}" for k in ks))})
+    for i, (logits, y) in enumerate(lm_rows_forward(model, rows, batch_size)):
+        stats.add(lm_token_stats(logits[None], y[None], torch.ones_like(y, dtype=torch.bool)[None]))
+        lp = torch.log_softmax(logits, -1)
+        per["nll"].append(-lp.gather(1, y[:, None])[:, 0].numpy())
+        per["position"].append(np.asarray(rows[i].positions))
+        if ks:
+            per["entropy"].append(-(lp.exp() * lp).sum(-1).numpy())
+            per["rank"].append((lp > lp.gather(1, y[:, None])).sum(-1).numpy())
+            top = lp.topk(max(ks), dim=-1).values.exp()
+            for k in ks:
+                per[f"tail{k}"].append((1 - top[:, :k].sum(-1)).clamp_min(0).numpy())
+        if teacher_logits is not None and i < len(teacher_logits):
+            agree.add(agreement_dense(logits, teacher_logits[i]))
+    out = stats.summary()
+    if agree.positions:
+        out.update(agree.summary())
+    return out, {k: np.concatenate(v) for k, v in per.items()}
