@@ -322,6 +322,12 @@ class Experiment:
         for k in sorted(self.P["ks"]):
             if k != kmax:
                 plan.append((f"topk{k}", f"student top-{k} + tail", self.topk[k], {}))
+        # Diagnostic arms <arm>-alpha<A>: hard-label CE mixed in with weight A (not part of the targets).
+        for name in self.args.diagnostic.split(",") if self.args.diagnostic else []:
+            base, alpha = name.rsplit("-alpha", 1)
+            for arm, label, cache, kw in list(plan):
+                if arm == base:
+                    plan.append((name, f"{label}, alpha {alpha} (diagnostic)", cache, {**kw, "alpha": float(alpha)}))
         return plan
 
     def arms(self) -> None:
@@ -335,10 +341,10 @@ class Experiment:
                                     "perplexity", i, params=i["params"], arm="init"))
         ref = Path(self.topk[max(self.P["ks"])]["path"])
         for arm, label, cache, kw in self.plan():
-            if wanted is not None and arm not in wanted:
+            if wanted is not None and arm not in wanted and "-alpha" not in arm:
                 continue
             self.budget.check(f"training {arm}")
-            online = OnlineTeacher(self.teacher) if arm == "online" else None
+            online = OnlineTeacher(self.teacher) if arm.split("-alpha")[0] == "online" else None
             d, tinfo = train(self.run_dir, arm, Path(cache["path"]) if cache else ref, self.init,
                              {**self.tset, **kw}, teacher=online, fresh=self.args.fresh)
             m = self.evaluate(arm, d)
@@ -376,11 +382,41 @@ class Experiment:
             "training_cache_tail": self.cache_tails(),
             "nll_by_teacher_rank": {},
         }
+        markup = np.concatenate([markup_mask(r.input_ids, self.tok)[np.asarray(r.positions) + 1] for r in self.rows])
+        diag["wikitext_markup"] = {"share_of_targets": float(markup.mean())}
+        diag["teacher_tail_tokens"] = tail_tokens(self.rows, t["rank"], self.tok, max(self.P["ks"]))
         for r in self.results:
             arm = r["arm"]
             if (self.run_dir / "evals" / f"{arm}.npz").is_file():
-                diag["nll_by_teacher_rank"][arm] = nll_by_rank(self.per_target(arm)["nll"], t["rank"])
+                nll = self.per_target(arm)["nll"]
+                diag["nll_by_teacher_rank"][arm] = nll_by_rank(nll, t["rank"])
+                diag["wikitext_markup"][arm] = {"perplexity_markup": float(np.exp(nll[markup].mean())),
+                                                "perplexity_rest": float(np.exp(nll[~markup].mean()))}
         return diag
+
+
+def tail_tokens(rows: list[Any], rank: np.ndarray, tok: Any, k: int, top: int = 12) -> dict[str, Any]:
+    """The true tokens the teacher ranks at k or below (outside a top-k cache), most frequent first."""
+    targets = np.concatenate([np.asarray(r.input_ids)[np.asarray(r.positions) + 1] for r in rows])
+    ids, counts = np.unique(targets[rank >= k], return_counts=True)
+    order = np.argsort(-counts)[:top]
+    n = int((rank >= k).sum())
+    return {"targets_outside": n, "share_of_targets": n / len(rank),
+            "most_frequent": [{"token": tok.decode([int(ids[i])]), "count": int(counts[i]),
+                               "share_of_outside": float(counts[i] / max(n, 1))} for i in order]}
+
+
+def markup_mask(ids: np.ndarray, tok: Any) -> np.ndarray:
+    """True at the tokens of wikitext-2's tokenisation markup: ``<unk>`` and ``@-@``/``@,@``/``@.@``
+    (a teacher trained on natural text rarely predicts them; a CE student learns them from the data)."""
+    pieces = [tok.convert_ids_to_tokens(int(i)) for i in ids]
+    text = [tok.convert_tokens_to_string([p]) for p in pieces]
+    out = np.zeros(len(ids), dtype=bool)
+    for i in range(len(ids) - 2):
+        a, b, c = text[i].strip(), text[i + 1], text[i + 2]
+        if (a == "<" and b == "unk" and c == ">") or (a == "@" and b in "-,." and c == "@"):
+            out[i : i + 3] = True
+    return out
 
 
 RANK_BUCKETS = ((0, 1), (1, 8), (8, 32), (32, 64), (64, None))
@@ -419,7 +455,7 @@ def check_targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     by = {r["arm"]: r for r in results}
     rows: list[dict[str, Any]] = []
     ce, online = by.get("ce"), by.get("online")
-    cache_arms = [r for r in results if "bytes_per_token" in r]
+    cache_arms = [r for r in results if "bytes_per_token" in r and "-alpha" not in r["arm"]]
     for r in cache_arms:
         if ce is not None:
             rows.append({"target": "every cache arm beats CE", "arm": r["arm"], "value": r["value"],
@@ -569,6 +605,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--arms", help="comma-separated subset of arms (default: all)")
     ap.add_argument("--steps", type=int, help=f"optimizer steps (default {REAL['steps']})")
     ap.add_argument("--fresh", action="store_true", help="redo dumps and trainings even if cached")
+    ap.add_argument("--diagnostic", help="extra arms such as online-alpha0.5,topk64-alpha0.5 (hard-label CE "
+                                         "mixed in), comma-separated; not part of the targets")
     ap.add_argument("--from-json", type=Path, help="reprint the table, targets and plots of an earlier --json")
     add_arguments(ap)
     args = ap.parse_args(argv)
