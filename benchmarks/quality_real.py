@@ -498,7 +498,7 @@ def plot_diagnostics(doc: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     diag = doc["diagnostics"]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5))
     ax = axes[0]
     t = diag["teacher_test"]
     bins = list(t["entropy_by_position"])
@@ -510,21 +510,34 @@ def plot_diagnostics(doc: dict[str, Any], path: Path) -> None:
     ax2.plot(bins, [t["entropy_by_position"][b] for b in bins], "k--", marker="s", label="entropy (nats, right)")
     ax2.set_ylabel("teacher entropy (nats)")
     ax.legend(loc="upper right", fontsize=8)
-    ax2.legend(loc="upper center", fontsize=8)
-    ax.set_title("teacher on wikitext-2 test: tail mass and entropy by position")
-    ax = axes[1]
+    ax2.legend(loc="lower left", fontsize=8)
+    ax.set_title("teacher on wikitext-2 test: tail mass and entropy by position", fontsize=10)
     nll = diag["nll_by_teacher_rank"]
-    buckets = [b for b in next(iter(nll.values())) if ":" not in b]
-    arms = [a for a in ("teacher", "ce", "online", "topk64", "topk64-renorm", "topk8") if a in nll]
-    arms += [a for a in nll if a.startswith("sampled")]
+    arms = [a for a in nll if a not in ("teacher", "init", "online") and "-alpha" not in a]
+    ax = axes[1]
+    buckets = [b for b in nll["online"] if ":" not in b]
     width = 0.8 / len(arms)
     for i, a in enumerate(arms):
-        ax.bar(np.arange(len(buckets)) + i * width, [nll[a][b] for b in buckets], width, label=a)
+        ax.bar(np.arange(len(buckets)) + i * width,
+               [nll[a][f"{b}:sum_share"] - nll["online"][f"{b}:sum_share"] for b in buckets], width, label=a)
     share = t["true_token_rank_share"]
     ax.set_xticks(np.arange(len(buckets)) + 0.4, [f"rank {b}\n({share[b]:.0%} of tokens)" for b in buckets],
                   fontsize=8)
-    ax.set_ylabel("mean NLL on test (nats)")
-    ax.set_title("where students lose: NLL by the true token's rank under the teacher")
+    ax.axhline(0, color="k", linewidth=0.8)
+    ax.set_ylabel("contribution to mean test NLL, minus online KD's (nats)")
+    ax.set_title("where students lose vs online KD: by the true token's teacher rank", fontsize=10)
+    ax.legend(fontsize=7)
+    ax = axes[2]
+    mk = diag["wikitext_markup"]
+    shown = ["teacher", "ce", "online", *arms[1:]]
+    x = np.arange(len(shown))
+    ax.bar(x - 0.2, [mk[a]["perplexity_rest"] for a in shown], 0.4, label="rest of the text")
+    ax.bar(x + 0.2, [mk[a]["perplexity_markup"] for a in shown], 0.4,
+           label=f"<unk> / @-@ markup ({mk['share_of_targets']:.0%} of tokens)")
+    ax.set_xticks(x, shown, rotation=45, ha="right", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("test perplexity")
+    ax.set_title("wikitext-2 markup vs the rest", fontsize=10)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
