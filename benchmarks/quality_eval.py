@@ -90,43 +90,14 @@ def eval_reasoning(
     """Answer-token perplexity (teacher forcing on the reference answers) and greedy exact match."""
     import torch
 
-    from pipeline.eval.metrics import (
-        AgreementStats,
-        LMStats,
-        agreement_dense,
-        gsm8k_exact_match,
-        lm_token_stats,
-    )
+    from pipeline.eval.metrics import gsm8k_exact_match
 
     rows = gsm_rows(tok, "test", ppl_limit, template, max_length)
-    stats, agree = LMStats(), AgreementStats()
-    model.eval()
-    pad = tok.pad_token_id
-    with torch.no_grad():
-        for i in range(0, len(rows), batch_size):
-            chunk = rows[i : i + batch_size]
-            T = max(len(p) + len(a) for p, a in chunk)
-            x = torch.full((len(chunk), T), pad, dtype=torch.long)
-            m = torch.zeros((len(chunk), T), dtype=torch.long)
-            tm = torch.zeros((len(chunk), T - 1), dtype=torch.bool)
-            for j, (p, a) in enumerate(chunk):
-                ids = p + a
-                x[j, : len(ids)] = torch.tensor(ids)
-                m[j, : len(ids)] = 1
-                tm[j, len(p) - 1 : len(ids) - 1] = True  # positions predicting answer tokens
-            logits = model(input_ids=x, attention_mask=m).logits[:, :-1]
-            stats.add(lm_token_stats(logits, x[:, 1:], tm))
-            if teacher is not None:
-                t = teacher(input_ids=x, attention_mask=m).logits[:, :-1]
-                agree.add(agreement_dense(logits[tm], t[tm]))
-    s = stats.summary()
-    out: dict[str, float] = {"answer_perplexity": s["perplexity"], "answer_acc@1": s["acc@1"],
-                             "answer_tokens": s["tokens"]}
-    if teacher is not None:
-        out.update(agree.summary())
+    out = answer_token_stats(model, rows, tok.pad_token_id, teacher=teacher, batch_size=batch_size)
     if em_limit <= 0:
         return out
     # Greedy generation for exact match (left-padded, one batch: generation is step-bound on CPU).
+    pad = tok.pad_token_id
     batch_size = max(batch_size, em_limit)
     refs = [r["answer"] for r in gsm8k("test")[:em_limit]]
     prompts = [p for p, _ in gsm_rows(tok, "test", em_limit, template, max_length)]
@@ -207,3 +178,56 @@ def eval_lm_rows(model: Any, rows: list[Any], *, teacher_logits: list[Any] | Non
     if agree.positions:
         out.update(agree.summary())
     return out, {k: np.concatenate(v) for k, v in per.items()}
+
+
+def answer_token_stats(model: Any, rows: list[tuple[list[int], list[int]]], pad: int, *, teacher: Any = None,
+                       batch_size: int = 16) -> dict[str, float]:
+    """Answer-token perplexity and acc@1 under teacher forcing on (prompt ids, answer ids) rows."""
+    import torch
+
+    from pipeline.eval.metrics import AgreementStats, LMStats, agreement_dense, lm_token_stats
+
+    stats, agree = LMStats(), AgreementStats()
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i : i + batch_size]
+            T = max(len(p) + len(a) for p, a in chunk)
+            x = torch.full((len(chunk), T), pad, dtype=torch.long)
+            m = torch.zeros((len(chunk), T), dtype=torch.long)
+            tm = torch.zeros((len(chunk), T - 1), dtype=torch.bool)
+            for j, (p, a) in enumerate(chunk):
+                ids = p + a
+                x[j, : len(ids)] = torch.tensor(ids)
+                m[j, : len(ids)] = 1
+                tm[j, len(p) - 1 : len(ids) - 1] = True  # positions predicting answer tokens
+            logits = model(input_ids=x, attention_mask=m).logits[:, :-1]
+            stats.add(lm_token_stats(logits, x[:, 1:], tm))
+            if teacher is not None:
+                t = teacher(input_ids=x, attention_mask=m).logits[:, :-1]
+                agree.add(agreement_dense(logits[tm], t[tm]))
+    s = stats.summary()
+    out: dict[str, float] = {"answer_perplexity": s["perplexity"], "answer_acc@1": s["acc@1"],
+                             "answer_tokens": s["tokens"]}
+    if teacher is not None:
+        out.update(agree.summary())
+    return out
+
+
+def gsm_chat_rows(tok: Any, path: Any, limit: int, max_length: int) -> list[tuple[list[int], list[int]]]:
+    """GSM8K (prompt, answer) ids with the tokenizer's chat template: the question as the user turn,
+    the reference answer + EOS as the assistant's (the way an instruct teacher is prompted)."""
+    import json
+
+    from pipeline.dump.tasks import fit_prompt_response
+
+    out = []
+    for line in path.read_text().splitlines()[:limit]:
+        r = json.loads(line)
+        text = tok.apply_chat_template([{"role": "user", "content": r["question"]}], add_generation_prompt=True,
+                                       tokenize=False)
+        p = tok(text, add_special_tokens=False)["input_ids"]
+        a = [*tok(r["answer"].strip(), add_special_tokens=False)["input_ids"], tok.eos_token_id]
+        p, a, _ = fit_prompt_response(p, a, max_length, tok.bos_token_id)
+        out.append((p, a))
+    return out

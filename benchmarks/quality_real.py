@@ -64,6 +64,7 @@ REAL: dict[str, Any] = {
     "ks": [8, 32, 64],
     "sample_draws": 255,  # the real sampled dump (the format's maximum)
     "match": [8, 64],  # sampled arms at the bytes per token of these top-k caches
+    "gsm_rows": 50,  # GSM8K test problems for answer-token perplexity (chat template)
 }
 
 
@@ -352,6 +353,32 @@ class Experiment:
                                         train=tinfo, arm=arm, alpha=kw.get("alpha", 0.0),
                                         train_curve=tinfo.get("curve")))
 
+    def gsm(self) -> None:
+        """GSM8K answer-token perplexity with the chat template (out of domain for the wikitext-trained
+        students: how much of the instruct teacher's behaviour each arm keeps), on every model evaluated."""
+        from benchmarks.quality import load_causal
+        from benchmarks.quality_eval import answer_token_stats, gsm_chat_rows
+
+        n = self.args.gsm_rows
+        if not n:
+            return
+        rows = gsm_chat_rows(self.tok, self.args.data / "gsm8k" / "test.jsonl", n, 512)
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
+        for r in self.results:
+            arm = r["arm"]
+            path = self.run_dir / "evals" / f"{arm}.gsm{n}.json"
+            m = load_json(path)
+            if m is None:
+                self.budget.check(f"GSM8K on {arm}")
+                t0 = time.perf_counter()
+                model = self.teacher if arm == "teacher" else load_causal(
+                    self.init if arm == "init" else self.run_dir / "runs" / arm)
+                m = {**answer_token_stats(model, rows, pad, batch_size=8), "rows": n,
+                     "eval_s": time.perf_counter() - t0}
+                save_json(path, m)
+                log(f"gsm8k {arm}: answer ppl {m['answer_perplexity']:.3f} ({m['eval_s']:.0f}s)")
+            r["metrics"].update({f"gsm8k_{k}": v for k, v in m.items() if k.startswith("answer")})
+
     # -- diagnostics -------------------------------------------------------------------------------
 
     def cache_tails(self) -> dict[str, Any]:
@@ -474,7 +501,7 @@ def check_targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 COLUMNS = ["method", "perplexity", "acc@1", "acc@5", "top1_agreement", "kl_to_teacher", "bytes_per_token",
-           "dump_s", "train_step_s", "params"]
+           "dump_s", "train_step_s", "gsm8k_answer_perplexity", "params"]
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -581,6 +608,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         exp.prepare()
         exp.caches()
         exp.arms()
+        exp.gsm()
     except Deadline as d:
         stopped = str(d)
         log(stopped)
@@ -607,6 +635,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--stop-after-s", type=float, help="stop cleanly after the stage that crosses this wall time")
     ap.add_argument("--batch-size", type=int, help=f"rows per step (default {REAL['batch_size']})")
     ap.add_argument("--eval-windows", type=int, help=f"test windows scored (default {REAL['eval_windows']})")
+    ap.add_argument("--gsm-rows", type=int, default=REAL["gsm_rows"],
+                    help=f"GSM8K test problems for answer perplexity, chat template (default {REAL['gsm_rows']}; 0: skip)")
     ap.add_argument("--student-layers", type=int, help=f"teacher layers kept (default {REAL['student_layers']})")
 
 
