@@ -642,7 +642,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--teacher-model", type=Path, required=True, help="local teacher folder (SmolLM2-135M)")
+    ap.add_argument("--teacher-model", type=Path, help="local teacher folder (SmolLM2-135M); required unless "
+                                                        "--from-json")
     ap.add_argument("--json", type=Path, help="write the run (settings, results, targets, diagnostics) here")
     ap.add_argument("--plot", type=Path, help="write the plots (PNG; also <name>-diagnostics.png)")
     ap.add_argument("--arms", help="comma-separated subset of arms (default: all)")
@@ -653,6 +654,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--from-json", type=Path, help="reprint the table, targets and plots of an earlier --json")
     add_arguments(ap)
     args = ap.parse_args(argv)
+    if args.teacher_model is None and args.from_json is None:
+        ap.error("--teacher-model DIR is required (or --from-json FILE to reprint a run)")
     doc = json.loads(args.from_json.read_text()) if args.from_json else run(args)
     report(doc, args)
 
