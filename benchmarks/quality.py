@@ -159,10 +159,15 @@ def truncated_copy(src: dict[str, Any], k: int, dst: Path, fresh: bool = False) 
                 flush()
         flush()
         writer.finalize()
+    return save_derived(src, dst, info_path, t0, "cut")
+
+
+def save_derived(src: dict[str, Any], dst: Path, info_path: Path, t0: float, how: str) -> dict[str, Any]:
+    """Record a cache derived from ``src`` without a teacher pass (its dump time is the source's)."""
     info = {"name": dst.name, "path": str(dst), "dump_s": src["dump_s"], "derived_from": src["name"],
             "derive_s": time.perf_counter() - t0, **cache_stats(dst)}
     save_json(info_path, info)
-    log(f"cache {dst.name} (cut from {src['name']}): {info['bytes_per_token']:.1f} B/token")
+    log(f"cache {dst.name} ({how} from {src['name']}): {info['bytes_per_token']:.1f} B/token")
     return info
 
 

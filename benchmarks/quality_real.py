@@ -40,10 +40,10 @@ import numpy as np
 from benchmarks.common import SHARED_DATA, print_table
 from benchmarks.quality import (
     _result,
-    cache_stats,
     dump,
     load_json,
     log,
+    save_derived,
     save_json,
     train,
 )
@@ -188,11 +188,7 @@ def thinned_copy(src: dict[str, Any], n: int, dst: Path, seed: int = SEED) -> di
                                       labels=[r.label for r in rows]))
             writer.end_unit(unit)
         writer.finalize()
-    info = {"name": dst.name, "path": str(dst), "dump_s": src["dump_s"], "derived_from": src["name"],
-            "derive_s": time.perf_counter() - t0, **cache_stats(dst)}
-    save_json(info_path, info)
-    log(f"cache {dst.name} (thinned from {src['name']}): {info['bytes_per_token']:.1f} B/token")
-    return info
+    return save_derived(src, dst, info_path, t0, "thinned")
 
 
 def matched_sampled(run_dir: Path, big: dict[str, Any], budget: float) -> dict[str, Any]:
