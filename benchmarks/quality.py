@@ -5,6 +5,8 @@ One command per task, on 2 CPU cores, reproducible from a seed::
     python -m benchmarks.quality --task lm --json docs/results/lm.json
     python -m benchmarks.quality --task classification --json docs/results/classification.json
     python -m benchmarks.quality --task reasoning --json docs/results/reasoning.json
+    python -m benchmarks.quality --teacher-model /work/models/smollm2 --json docs/results/real-lm.json \
+        --plot docs/results/real-lm.png   # a real pretrained teacher: benchmarks/quality_real.py
 
 For each task, the same student architecture, the same steps and the same data order:
 
@@ -157,10 +159,15 @@ def truncated_copy(src: dict[str, Any], k: int, dst: Path, fresh: bool = False) 
                 flush()
         flush()
         writer.finalize()
+    return save_derived(src, dst, info_path, t0, "cut")
+
+
+def save_derived(src: dict[str, Any], dst: Path, info_path: Path, t0: float, how: str) -> dict[str, Any]:
+    """Record a cache derived from ``src`` without a teacher pass (its dump time is the source's)."""
     info = {"name": dst.name, "path": str(dst), "dump_s": src["dump_s"], "derived_from": src["name"],
             "derive_s": time.perf_counter() - t0, **cache_stats(dst)}
     save_json(info_path, info)
-    log(f"cache {dst.name} (cut from {src['name']}): {info['bytes_per_token']:.1f} B/token")
+    log(f"cache {dst.name} ({how} from {src['name']}): {info['bytes_per_token']:.1f} B/token")
     return info
 
 
@@ -224,18 +231,24 @@ def train(task_dir: Path, arm: str, cache: Path, student_init: Path, settings: d
     if info is not None and not fresh and (out / "config.json").is_file():
         return out, info
     steps = settings["max_steps"]
-    cfg = TrainConfig(cache=str(cache), out=str(out), student=str(student_init), overwrite=True, progress=False,
-                      tensorboard=False, seed=SEED, eval_every=steps, save_every=steps, keep_checkpoints=1,
-                      **settings)
-    log(f"train {arm} from {cache.name} ({steps} steps)")
-    times: list[float] = []
-    summary = Trainer(cfg, teacher=teacher, on_step=lambda step: times.append(step.seconds)).run()
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # only the final student is needed
+    # An arm interrupted after a checkpoint (settings may set save_every) continues from it.
+    ckpts = out / "checkpoints"
+    resume = not fresh and ckpts.is_dir() and any(ckpts.iterdir())
+    cfg = TrainConfig(cache=str(cache), out=str(out), student=str(student_init), progress=False,
+                      tensorboard=False, seed=SEED, **{"eval_every": steps, "save_every": steps,
+                                                       "keep_checkpoints": 1, **settings},
+                      overwrite=not resume, resume=resume)
+    log(f"train {arm} from {cache.name} ({steps} steps{', resumed' if resume else ''})")
+    curve: list[dict[str, float]] = []
+    summary = Trainer(cfg, teacher=teacher, on_step=lambda s: curve.append(
+        {"step": s.step, "loss": s.loss, "ce_loss": s.ce_loss, "seconds": s.seconds})).run()
+    shutil.rmtree(ckpts, ignore_errors=True)  # only the final student is needed
+    times = [c["seconds"] for c in curve]
     info = {
         "arm": arm, "cache": str(cache), "steps": summary["steps"], "first_loss": summary["first_loss"],
         "final_loss": summary["final_loss"], "tokens_seen": summary["tokens_seen"], "wall_s": summary["wall_s"],
-        "train_step_s": float(np.median(times[1:] if len(times) > 1 else times)),
-        "heldout_eval": summary.get("eval"), "config": summary.get("resolved_config"),
+        "train_step_s": float(np.median(times[1:] if len(times) > 1 else times)), "resumed": resume,
+        "curve": curve, "heldout_eval": summary.get("eval"), "config": summary.get("resolved_config"),
     }
     save_json(info_path, info)
     log(f"train {arm}: loss {info['first_loss']:.3f} -> {info['final_loss']:.3f}, "
@@ -687,6 +700,18 @@ def plot(task: str, results: list[dict[str, Any]], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a.split("=", 1)[0] == "--teacher-model" for a in argv):
+        # A local pretrained teacher (issue 13): the LM task on it, see benchmarks/quality_real.py.
+        from benchmarks import quality_real
+
+        if "--task" in argv:
+            i = argv.index("--task")
+            if argv[i + 1 : i + 2] != ["lm"]:
+                raise SystemExit("--teacher-model runs the lm task only (drop --task or use --task lm)")
+            del argv[i : i + 2]
+        quality_real.main(argv)
+        return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--task", required=True, choices=["lm", "classification", "reasoning"])
     ap.add_argument("--json", type=Path, help="write the runs (one object per run) to this file")
