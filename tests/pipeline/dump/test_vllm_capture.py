@@ -37,7 +37,9 @@ def _mixed_positions(seqs: list[np.ndarray]) -> list[np.ndarray]:
     return positions
 
 
-@pytest.fixture(scope="module")
+# Session scope, like ``vllm_teacher``: tearing a vLLM engine down resets vLLM's process-global
+# parallel groups, which breaks every other engine still alive in this pytest process.
+@pytest.fixture(scope="session")
 def vllm_hidden(tiny_lm_dir: Path) -> Iterator[Any]:
     """The tiny LM behind vLLM's pooling runner; batch_size 4 like the session's ``hf_teacher``."""
     backend = make_backend(TeacherSettings(model=str(tiny_lm_dir), backend="vllm", dtype="float32", max_length=256,
@@ -46,7 +48,7 @@ def vllm_hidden(tiny_lm_dir: Path) -> Iterator[Any]:
     backend.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def vllm_classifier(tiny_classifier_dir: Path) -> Iterator[Any]:
     backend = make_backend(TeacherSettings(model=str(tiny_classifier_dir), backend="vllm", kind="classifier",
                                            dtype="float32", max_length=256, enforce_eager=True))
