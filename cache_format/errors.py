@@ -19,6 +19,14 @@ class IncompleteCacheError(CacheError):
     """The cache was never finalized (dump still running, or interrupted): resume it first."""
 
 
+class MissingUnitsError(IncompleteCacheError):
+    """Finalizing a cache whose dump has not completed every unit yet (other workers still running, or killed)."""
+
+    def __init__(self, message: str, missing: list[int] | None = None) -> None:
+        super().__init__(message)
+        self.missing = list(missing or [])
+
+
 class CacheExistsError(CacheError):
     """A writer in ``create`` mode found a non-empty directory, or ``overwrite`` found foreign files."""
 

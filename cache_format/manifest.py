@@ -29,8 +29,11 @@ from cache_format.shard import (
 MANIFEST_NAME = "manifest.json"
 # Written at creation, removed by finalize(): marks an unfinished cache and holds its identity.
 INCOMPLETE_MARKER = ".kdpipe-incomplete.json"
-# Append-only, fsynced journal of completed work units (one JSON object per line).
+# The journal of completed units written by kdpipe before unit markers (read on resume, never written).
 PROGRESS_JOURNAL = ".kdpipe-progress.jsonl"
+# One small file (object) per completed work unit: ``.kdpipe-unit-<unit:09d>.json`` (SPEC §4).
+UNIT_MARKER_PREFIX = ".kdpipe-unit-"
+UNIT_MARKER_RE = re.compile(re.escape(UNIT_MARKER_PREFIX) + r"([0-9]{9})\.json")
 # Prefix of shards being written; never referenced by a manifest, removed on resume.
 TMP_PREFIX = ".tmp-"
 # A manifest of 64 MiB describes ~300k shards; anything larger is hostile or broken, and
@@ -52,6 +55,11 @@ _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 def shard_name(unit: int, part: int) -> str:
     """Shard file name: sorting names sorts by (unit, part), the order of a single-worker dump."""
     return f"shard-u{unit:09d}-p{part:04d}.arrow"
+
+
+def unit_marker_name(unit: int) -> str:
+    """The marker that makes ``unit`` complete once its shards are in place."""
+    return f"{UNIT_MARKER_PREFIX}{unit:09d}.json"
 
 
 def check_shard_name(name: Any, where: str) -> str:

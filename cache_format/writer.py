@@ -1,13 +1,18 @@
 """``CacheWriter``: atomic shards, a background encode/write thread, work units for resume.
 
 Durability protocol (see SPEC.md, "Writing"): rows are buffered and encoded into shards
-under a temporary name; ``end_unit(j)`` fsyncs and renames the unit's shards to their final
-names, then appends unit j to an fsynced journal. Only journaled units count as complete, so
-a restart after ``kill -9`` at any moment discards partial work and redoes exactly the
-unfinished units. ``finalize()`` writes ``manifest.json`` last, atomically.
+staged under no final name (a temporary file, or memory for an object store); ``end_unit(j)``
+gives the unit's shards their final names (rename, or one PUT each), then writes unit j's
+marker ``.kdpipe-unit-<j>.json``. Only units with a marker count as complete, so a restart
+after ``kill -9`` at any moment redoes exactly the unfinished units. ``finalize()`` writes
+``manifest.json`` last, atomically (:mod:`cache_format.finalize`).
 
-This module is the caller's side and the queue; the folder (create/overwrite/resume, journal)
-is prepared by ``_cache_dir.py`` and the background thread's work is ``_shard_assembly.py``.
+The root is a local folder or any fsspec URL (``s3://bucket/prefix``...). Several writers may
+share one root (``mode="shared"``), each ending disjoint units; one of them, or
+``kdpipe cache finalize``, writes the manifest once all units are there.
+
+This module is the caller's side and the queue; the root (create/overwrite/resume/shared,
+markers) is prepared by ``_cache_dir.py`` and the background thread's work is ``_shard_assembly.py``.
 """
 
 from __future__ import annotations
@@ -16,15 +21,14 @@ import os
 import queue
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
-from cache_format._cache_dir import prepare_cache_dir
+from cache_format._cache_dir import MODES, prepare_cache_dir
 from cache_format._shard_assembly import ShardAssembler, resolve_id_coding
+from cache_format._target import open_target
 from cache_format.encodings import Batch, check_batch
 from cache_format.errors import CacheError, DuplicateError, WriterStateError
 from cache_format.identity import CacheIdentity
-from cache_format.storage import is_remote
 
 # Defaults. Rows: enough per shard that loader workers get few, large files; bytes: the raw
 # (unencoded) data buffered for one shard, which bounds the writer's memory at ~2x this.
@@ -47,27 +51,28 @@ class CacheWriter:
     def __init__(self, root: str | os.PathLike[str], identity: CacheIdentity, mode: str = "create", *,
                  max_shard_rows: int = DEFAULT_MAX_SHARD_ROWS, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                  queue_size: int = DEFAULT_QUEUE_SIZE, compression_level: int = DEFAULT_COMPRESSION_LEVEL,
-                 id_coding: str | None = None) -> None:
-        """``id_coding`` (``topk`` only): ``"set"`` (format 1.1, the default for a new cache) or ``"planes"``
+                 id_coding: str | None = None, storage_options: dict[str, Any] | None = None) -> None:
+        """``root``: a local folder or a URL (``s3://bucket/prefix``, any fsspec URL; ``storage_options`` as
+        for :func:`cache_format.open_cache`). ``mode``: ``create`` (empty root), ``overwrite`` (replace a
+        kdpipe cache), ``resume`` (continue one), ``shared`` (one of several workers: create or join).
+        ``id_coding`` (``topk`` only): ``"set"`` (format 1.1, the default for a new cache) or ``"planes"``
         (format 1.0); ``None`` also means: on resume, whatever the cache's shards already use."""
-        if is_remote(root):
-            raise CacheError(f"CacheWriter writes local directories only, got {root}; write locally, then "
-                             "upload with `kdpipe cache copy LOCAL URL` (cache_format.copy_cache)")
-        if mode not in ("create", "overwrite", "resume"):
-            raise WriterStateError(f"mode must be 'create', 'overwrite' or 'resume', got {mode!r}")
+        if mode not in MODES:
+            raise WriterStateError(f"mode must be one of {', '.join(repr(m) for m in MODES)}, got {mode!r}")
         if not isinstance(identity, CacheIdentity):
             raise WriterStateError(f"identity must be a CacheIdentity, got {type(identity).__name__}")
         for name, v in (("max_shard_rows", max_shard_rows), ("max_shard_bytes", max_shard_bytes),
                         ("queue_size", queue_size)):
             if not isinstance(v, int) or v < 1:
                 raise WriterStateError(f"{name} must be a positive integer, got {v!r}")
-        self.root = Path(str(root)[len("file://"):] if str(root).startswith("file://") else root)
+        self._target = open_target(root, storage_options)
+        self.root = self._target.describe()
         self.identity = identity
         self.mode = mode
-        id_coding = resolve_id_coding(id_coding, self.root, mode)
-        done, created_at = prepare_cache_dir(self.root, identity, mode)
+        id_coding = resolve_id_coding(id_coding, self._target, mode)
+        done, created_at = prepare_cache_dir(self._target, identity, mode)
         self._resumed_units = frozenset(done)
-        self._assembler = ShardAssembler(self.root, identity, done, created_at, max_shard_rows=max_shard_rows,
+        self._assembler = ShardAssembler(self._target, identity, done, created_at, max_shard_rows=max_shard_rows,
                                          max_shard_bytes=max_shard_bytes, compression_level=compression_level,
                                          id_coding=id_coding)
         # Shared with the background thread, which adds the encode/write times and counts.
@@ -131,6 +136,16 @@ class CacheWriter:
         if self._assembler.manifest is None:  # pragma: no cover - the thread sets it before exiting cleanly
             raise CacheError(f"{self.root}: finalize did not produce a manifest")
         return self._assembler.manifest
+
+    def commit(self) -> None:
+        """Wait until every ended unit is committed (shards + marker), then stop; no manifest is written.
+
+        For one of several workers sharing a root: the manifest comes from
+        :func:`cache_format.finalize.finalize_cache` once all workers' units are there.
+        """
+        self._check_usable()
+        self.close()
+        self._raise_if_failed()
 
     def close(self) -> None:
         """Stop the background thread; queued units are still recorded, unit-less rows are discarded."""
