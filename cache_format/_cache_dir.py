@@ -184,8 +184,10 @@ def _complete(rec: UnitRecord, entries: dict[str, int | None]) -> bool:
     return all(entries.get(s.name) == s.bytes for s in rec.shards)
 
 
-def read_done_units(target: WriteTarget, entries: dict[str, int | None]) -> DoneUnits:
-    """Complete units: from the markers, then from an old journal for units without a marker."""
+def read_done_units(target: WriteTarget, entries: dict[str, int | None], check_sizes: bool = True) -> DoneUnits:
+    """Complete units: from the markers, then from an old journal for units without a marker.
+
+    ``check_sizes=False``: every marked unit, whether its shards are there or not."""
     done: DoneUnits = {}
     for name in sorted(entries):
         m = UNIT_MARKER_RE.fullmatch(name)
@@ -196,11 +198,11 @@ def read_done_units(target: WriteTarget, entries: dict[str, int | None]) -> Done
         except FileNotFoundError:
             continue  # removed meanwhile (a finalize in another process)
         unit, rec = parse_unit_marker(data, target.describe(name))
-        if unit == int(m.group(1)) and _complete(rec, entries):
+        if unit == int(m.group(1)) and (not check_sizes or _complete(rec, entries)):
             done[unit] = rec
     if PROGRESS_JOURNAL in entries:
         for unit, rec in _read_journal(target).items():
-            if unit not in done and _complete(rec, entries):
+            if unit not in done and (not check_sizes or _complete(rec, entries)):
                 done[unit] = rec
     return done
 

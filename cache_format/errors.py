@@ -22,9 +22,10 @@ class IncompleteCacheError(CacheError):
 class MissingUnitsError(IncompleteCacheError):
     """Finalizing a cache whose dump has not completed every unit yet (other workers still running, or killed)."""
 
-    def __init__(self, message: str, missing: list[int] | None = None) -> None:
+    def __init__(self, message: str, missing: list[int] | None = None, totals: dict[str, int] | None = None) -> None:
         super().__init__(message)
         self.missing = list(missing or [])
+        self.totals = dict(totals or {})  # of the units present
 
 
 class CacheExistsError(CacheError):

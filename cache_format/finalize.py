@@ -127,7 +127,13 @@ def _check_all_units(target: WriteTarget, identity: CacheIdentity, done: DoneUni
     raise MissingUnitsError(
         f"{target.describe()}: {len(missing)} of {expected_units(identity)} units are not complete yet: unit "
         f"{shown}{more}; rerun those workers (each resumes its own units), then `kdpipe cache finalize "
-        f"{target.describe()}`", missing)
+        f"{target.describe()}`", missing, _totals(done))
+
+
+def _totals(done: DoneUnits) -> dict[str, int]:
+    shards = [s for rec in done.values() for s in rec.shards]
+    return {"shards": len(shards), "units": len(done),
+            **{key: sum(getattr(s, key) for s in shards) for key in ("rows", "tokens", "positions", "bytes")}}
 
 
 def _check_sha256(target: WriteTarget, done: DoneUnits) -> None:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
-from typing import Literal
+import sys
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -26,7 +30,13 @@ class DumpConfig(StrictModel):
     backend: Literal["hf", "vllm"] = Field("hf", description="Teacher engine; hf runs everywhere (CPU too) "
                                                               "without extra packages.")
     task: Task = Field("lm", description="Task recipe; lm is the plain KD case.")
-    out: str = Field(description="Cache folder to write (or resume).")
+    out: str = Field(description="Cache folder or URL (s3://bucket/prefix, gs://..., any fsspec URL) to write "
+                                 "(or resume); several workers may write one --out.")
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint of --out (MinIO, moto, Ceph); "
+                                                       "default: AWS's.")
+    storage_option: list[str] = Field(default_factory=list, description="fsspec option of --out as KEY=VALUE "
+                                      "(repeatable; VALUE parsed as JSON when it can be, dotted keys nest: "
+                                      "config_kwargs.read_timeout=60); default: none.")
     out_sampled: str | None = Field(None, description="Also write a sampled cache (--num-draws, --seed) into this "
                                                       "folder from the same teacher pass as the top-k cache in --out; "
                                                       "default: none. Each folder is a normal cache, equal to what a "
@@ -117,8 +127,12 @@ class DumpConfig(StrictModel):
                                      "fixed value works.")
 
     # Work split and output
-    num_workers: int = Field(1, ge=1, description="Workers splitting the dataset.")
-    worker_index: int = Field(0, ge=0, description="This worker, 0-based.")
+    num_workers: int | None = Field(None, ge=1, description="Workers splitting the dataset; default: "
+                                    "$WORLD_SIZE (torchrun), else $SLURM_ARRAY_TASK_COUNT, else $SLURM_NTASKS, "
+                                    "else 1.")
+    worker_index: int | None = Field(None, ge=0, description="This worker, 0-based; default: $RANK (torchrun), "
+                                     "else $SLURM_ARRAY_TASK_ID - $SLURM_ARRAY_TASK_MIN, else $SLURM_PROCID, "
+                                     "else 0.")
     unit_rows: int = Field(256, ge=1, description="Rows per work unit (resume granule); 256 is ~1 min of CPU "
                                                   "work, so a crash loses little.")
     overwrite: bool = Field(False, json_schema_extra=cli_flags("--overwrite"),
@@ -204,10 +218,14 @@ class DumpConfig(StrictModel):
         bad = next((name for name, value in self if isinstance(value, float) and not math.isfinite(value)), None)
         if bad is not None:
             raise ValueError(f"--{bad.replace('_', '-')} must be a finite number, got {getattr(self, bad)}")
-        if self.worker_index >= self.num_workers:
+        if self.worker_index is not None and self.num_workers is not None and self.worker_index >= self.num_workers:
             raise ValueError(
                 f"--worker-index {self.worker_index} must be below --num-workers {self.num_workers} (0-based)"
             )
+        if self.overwrite and (self.num_workers or 1) > 1:
+            raise ValueError("--overwrite with several workers would let one worker delete the others' work; "
+                             "delete the old cache first (or choose a new --out), then start the workers "
+                             "without --overwrite")
         if self.load_in_4bit and self.load_in_8bit:
             raise ValueError("--load-in-4bit and --load-in-8bit exclude each other; pick one")
         if self.task == "classification" and self.temperature != 1.0:
@@ -234,3 +252,90 @@ class DumpConfig(StrictModel):
                              "own GPUs; use --device auto or cuda")
         return self
 
+
+
+    def storage_options(self) -> dict[str, Any] | None:
+        """fsspec options of --out from --endpoint-url and --storage-option (None: none given)."""
+        opts: dict[str, Any] = {}
+        if self.endpoint_url:
+            opts["endpoint_url"] = self.endpoint_url
+        for item in self.storage_option:
+            key, sep, raw = item.partition("=")
+            if not sep or not key:
+                raise ValueError(f"--storage-option {item!r} must look like KEY=VALUE")
+            try:
+                value: Any = json.loads(raw)
+            except ValueError:
+                value = raw
+            *parents, last = key.split(".")
+            node = opts
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[last] = value
+        return opts or None
+
+
+# Where a worker's index and count come from when the flags are not given: (index var, count var, launcher).
+_WORKER_ENV = (("RANK", "WORLD_SIZE", "torchrun"), ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM array"),
+               ("SLURM_PROCID", "SLURM_NTASKS", "SLURM tasks"))
+
+
+def _env_int(env: Mapping[str, str], name: str) -> int:
+    try:
+        return int(env[name])
+    except ValueError:
+        raise ValueError(f"${name}={env[name]!r} is not an integer") from None
+
+
+def workers_from_env(env: Mapping[str, str]) -> tuple[int, int, str] | None:
+    """(worker index, worker count, where from) taken from a launcher's variables; None when none is set."""
+    for index_var, count_var, launcher in _WORKER_ENV:
+        if index_var not in env and count_var not in env:
+            continue
+        if index_var not in env or count_var not in env:
+            have, lack = (index_var, count_var) if index_var in env else (count_var, index_var)
+            raise ValueError(f"${have} is set but ${lack} is not; set both (or pass --worker-index and "
+                             "--num-workers)")
+        index, count = _env_int(env, index_var), _env_int(env, count_var)
+        where = f"${index_var}/${count_var} ({launcher})"
+        if index_var == "SLURM_ARRAY_TASK_ID":
+            low = _env_int(env, "SLURM_ARRAY_TASK_MIN") if "SLURM_ARRAY_TASK_MIN" in env else 0
+            index -= low
+            where = f"$SLURM_ARRAY_TASK_ID - $SLURM_ARRAY_TASK_MIN/$SLURM_ARRAY_TASK_COUNT ({launcher})"
+        if count < 1 or not 0 <= index < count:
+            raise ValueError(f"{where} give worker {index} of {count}; the index must be in 0..count-1 — "
+                             "check the launcher (e.g. #SBATCH --array=0-N) or pass --worker-index and --num-workers")
+        return index, count, where
+    return None
+
+
+def resolve_workers(cfg: DumpConfig, env: Mapping[str, str] | None = None) -> DumpConfig:
+    """``--worker-index``/``--num-workers`` made concrete: the flags, else the launcher's variables, else 0/1."""
+    from pipeline.errors import ConfigError
+
+    if cfg.worker_index is not None and cfg.num_workers is not None:
+        return cfg
+    env = os.environ if env is None else env
+    try:
+        found = workers_from_env(env)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    index, count, where = found if found is not None else (0, 1, None)
+    index = cfg.worker_index if cfg.worker_index is not None else index
+    count = cfg.num_workers if cfg.num_workers is not None else count
+    if index >= count:
+        raise ConfigError(f"worker {index} of {count} (from --worker-index/--num-workers and {where or 'defaults'}): "
+                          "the index must be below the count")
+    if where is not None:
+        print(f"note: worker {index} of {count}, from {where}", file=sys.stderr)
+    if cfg.overwrite and count > 1:
+        raise ConfigError("--overwrite with several workers would let one worker delete the others' work; delete the "
+                          "old cache first (or choose a new --out), then start the workers without --overwrite")
+    update: dict[str, Any] = {"worker_index": index, "num_workers": count}
+    if "LOCAL_RANK" in env and cfg.device == "auto" and cfg.backend == "hf" and cfg.engine == "local":
+        # torchrun starts one process per GPU of a node: each takes its own, not all of them cuda:0.
+        import torch
+
+        if torch.cuda.is_available():
+            update["device"] = f"cuda:{_env_int(env, 'LOCAL_RANK') % torch.cuda.device_count()}"
+    return cfg.model_copy(update=update)

@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 from cache_format import CacheIdentity
 from pipeline.config import save_resolved_config
-from pipeline.dump.config import DumpConfig
+from pipeline.dump.config import DumpConfig, resolve_workers
 from pipeline.dump.summary import build_summary
 from pipeline.dump.tasks import (
     Example,
@@ -74,14 +74,31 @@ def my_units(n_units: int, num_workers: int, worker_index: int) -> list[int]:
 
 @dataclass
 class _Output:
-    path: Path
-    mode: Literal["create", "overwrite", "resume"]
+    path: Path | str  # a local folder, or the URL of an object-store prefix
+    mode: Literal["create", "overwrite", "resume", "shared"]
     previous: CacheIdentity | None  # the stored identity of the cache being resumed
+    storage_options: dict[str, Any] | None = None
+
+    @property
+    def remote(self) -> bool:
+        return isinstance(self.path, str)
 
 
 def _setup_output(cfg: DumpConfig) -> _Output:
-    """Create, overwrite or resume: decided (and refused) before any work; nothing is deleted here."""
-    from cache_format import CacheError, read_identity
+    """Create, overwrite or resume: decided (and refused) before any work; nothing is deleted here.
+
+    Several workers (``--num-workers`` > 1) open the same --out in ``shared`` mode: the first creates
+    the cache, the others join it; none deletes anything of another's.
+    """
+    from cache_format.storage import is_remote
+
+    out = _setup_remote_output(cfg) if is_remote(cfg.out) else _setup_local_output(cfg)
+    if (cfg.num_workers or 1) > 1:  # --overwrite is refused with several workers (DumpConfig)
+        out.mode = "shared"
+    return out
+
+
+def _setup_local_output(cfg: DumpConfig) -> _Output:
     from cache_format.manifest import INCOMPLETE_MARKER, MANIFEST_NAME
     from pipeline.dump.output import foreign_entries, is_own_temp
 
@@ -105,13 +122,45 @@ def _setup_output(cfg: DumpConfig) -> _Output:
             raise ConfigError(f"--overwrite refused: --out {path} holds {foreign[0]!r}, which kdpipe did not write; "
                               "nothing was deleted — move it out of the cache folder or choose another --out")
         return _Output(path, "overwrite", None)
+    return _Output(path, "resume", _stored_identity(str(path), None))
+
+
+def _stored_identity(url: str, opts: dict[str, Any] | None) -> CacheIdentity:
+    from cache_format import CacheError, read_identity
+
     try:
-        stored = read_identity(path)
+        stored = read_identity(url, opts)
     except CacheError as exc:
         raise ConfigError(
-            f"--out {path} holds a cache this version cannot read ({first_line(exc)}); pass --overwrite to replace it"
+            f"--out {url} holds a cache this version cannot read ({first_line(exc)}); pass --overwrite to replace it"
         ) from None
-    return _Output(path, "resume", stored)
+    if stored is None:
+        raise ConfigError(f"--out {url}: its cache vanished while being opened (another worker finalizing or "
+                          "overwriting it?); rerun")
+    return stored
+
+
+def _setup_remote_output(cfg: DumpConfig) -> _Output:
+    """--out s3://bucket/prefix: decided by listing the prefix (empty: create; a kdpipe cache: resume)."""
+    from cache_format import CacheError
+    from cache_format._cache_dir import is_writer_file
+    from cache_format._target import open_target
+    from cache_format.manifest import INCOMPLETE_MARKER, MANIFEST_NAME
+
+    opts = cfg.storage_options()
+    try:
+        entries = open_target(cfg.out, opts).list_files()
+    except CacheError as exc:
+        raise ConfigError(f"--out {cfg.out}: {first_line(exc)}") from None
+    foreign = sorted(n for n, size in entries.items() if size is None or not is_writer_file(n))
+    if foreign:
+        raise ConfigError(f"--out {cfg.out} holds {foreign[0]!r}, which kdpipe did not write; nothing was deleted — "
+                          "choose an empty prefix (or move those objects away)")
+    if not entries:
+        return _Output(cfg.out, "create", None, opts)
+    if cfg.overwrite or (MANIFEST_NAME not in entries and INCOMPLETE_MARKER not in entries):
+        return _Output(cfg.out, "overwrite", None, opts)
+    return _Output(cfg.out, "resume", _stored_identity(cfg.out, opts), opts)
 
 
 def _setup_tokenizer(cfg: DumpConfig) -> Any:
@@ -225,14 +274,17 @@ def _teacher_identity(cfg: DumpConfig, info: _ModelInfo) -> dict[str, Any]:
     }
 
 
-def _setup_identity(cfg: DumpConfig, tok: Any, info: _ModelInfo, ds: Any, rcfg: RecipeConfig, max_length: int) -> Any:
+def _setup_identity(cfg: DumpConfig, tok: Any, info: _ModelInfo, ds: Any, rcfg: RecipeConfig, max_length: int,
+                    n_units: int) -> Any:
     from cache_format.identity import tokenizer_fingerprint
 
     recipe = rcfg.identity(tok)
     recipe["max_length"] = max_length
     # Units fix which rows form a shard and which worker does what: resuming or merging with
     # other values would mix two layouts, so they are compared like the recipe.
-    recipe["units"] = {"unit_rows": cfg.unit_rows, "num_workers": cfg.num_workers}
+    # The count lets a finalize (the last worker, or `kdpipe cache finalize`) tell a complete cache; how
+    # many workers share the units is not part of the identity: any split writes the same units.
+    recipe["units"] = {"unit_rows": cfg.unit_rows, "count": n_units}
     if cfg.task != "classification":
         recipe["max_new_tokens"] = cfg.max_new_tokens if cfg.teacher_generates else None
         recipe["seed"] = cfg.seed if cfg.encoding == "sampled" else None
@@ -257,16 +309,16 @@ def _check_resume(cfg: DumpConfig, out: _Output, identity: Any) -> None:
         return
     stored = out.previous
     diffs = stored.diff(identity)
-    prev_worker = (stored.run or {}).get("worker_index")
-    if prev_worker is not None and prev_worker != cfg.worker_index:
-        diffs.append(f"run.worker_index: {prev_worker!r} != {cfg.worker_index!r}")
     if diffs:
         raise ConfigError(
             f"--out {out.path} holds a cache made with different settings (cache != this run): "
             + "; ".join(diffs[:5]) + " — rerun with the same settings to resume, pass --overwrite to replace it, "
             "or choose another --out"
         )
-    for problem in repair_units(out.path, identity):
+    if out.remote:
+        return  # shard sizes are checked when the writer opens the prefix; hashing would download every shard
+    n, w = cfg.num_workers or 1, cfg.worker_index or 0
+    for problem in repair_units(Path(out.path), identity, lambda u: u % n == w):
         print(f"note: {problem}; its unit is dumped again", file=sys.stderr)
 
 
@@ -345,19 +397,25 @@ def _run_units(cfg: DumpConfig, backend: Any, sinks: list[Sink], examples: list[
             "units_done": len(todo), "tokens_this_run": tokens, "handoff_s": handoff_s}
 
 
-def config_path(out: str | Path) -> Path:
-    """``<out>.config.yaml``: the dump's resolved config, saved beside the cache folder.
+def config_path(out: str | Path, worker_index: int | None = None) -> Path:
+    """``<out>.config.yaml`` (one worker) or ``<out>.config-w<i>.yaml`` (worker i of several): the resolved config.
 
-    Not inside it: SPEC §1 lists every file a cache folder holds. The manifest's ``identity.run``
-    records the same values; this file is the one ``kdpipe dump-teacher --config`` reruns from.
+    Beside the cache folder, not inside it: SPEC §1 lists every file a cache folder holds. The
+    manifest's ``identity.run`` records the same values; this file is the one ``kdpipe dump-teacher
+    --config`` reruns from (it pins the worker index, so each worker has its own). A remote --out
+    has no "beside": its config is not saved (the manifest's ``identity.run`` keeps it; rerun the
+    same command line to resume).
     """
     folder = Path(out).expanduser().resolve()
-    return folder.with_name(folder.name + ".config.yaml")
+    suffix = ".config.yaml" if worker_index is None else f".config-w{worker_index}.yaml"
+    return folder.with_name(folder.name + suffix)
 
 
-def _save_config(cfg: DumpConfig, out: Path) -> None:
+def _save_config(cfg: DumpConfig, out: _Output) -> None:
+    if out.remote:
+        return
     # Saved without --overwrite: rerunning from this file must resume, never wipe the cache.
-    path = config_path(out)
+    path = config_path(out.path, cfg.worker_index if (cfg.num_workers or 1) > 1 else None)
     save_resolved_config(cfg.model_copy(update={"overwrite": False}), path.parent, name=path.name)
 
 
@@ -368,8 +426,25 @@ def _setup_outputs(configs: list[tuple[DumpConfig, str]]) -> list[_Output]:
             outs.append(_setup_output(c))
         except ConfigError as exc:
             raise ConfigError(str(exc).replace("--out ", f"{flag} ", 1)) from None
-    check_distinct([o.path for o in outs])
+    check_distinct([Path(str(o.path)) for o in outs])
     return outs
+
+
+def _finish(sk: Sink) -> tuple[dict[str, Any], bool]:
+    """Commit this worker's units, then finalize the cache if every unit is there ("the last worker finalizes").
+
+    Returns (the manifest, or the totals so far when other workers' units are missing; finalized?).
+    """
+    from cache_format.errors import MissingUnitsError
+    from cache_format.finalize import finalize_cache
+
+    sk.writer.commit()
+    try:
+        return finalize_cache(str(sk.out.path), sk.out.storage_options), True
+    except MissingUnitsError as exc:
+        print(f"note: this worker's units are done; the cache is not finalized yet: {exc} — the last worker to "
+              "finish finalizes it, or run that command", file=sys.stderr)
+        return {"totals": exc.totals}, False
 
 
 def run_dump(cfg: DumpConfig, backend: Any = None) -> dict[str, Any]:
@@ -383,14 +458,15 @@ def run_dump(cfg: DumpConfig, backend: Any = None) -> dict[str, Any]:
     from cache_format import CacheWriter
 
     t_start = time.perf_counter()
-    cfg = resolve_capture(cfg)
+    cfg = resolve_workers(resolve_capture(cfg))
     configs = sink_configs(cfg)
     outs = _setup_outputs(configs)
     info = _setup_model_info(cfg)
     tok = _setup_tokenizer(cfg)
     max_length = _check_against_model(cfg, info, tok)
     ds, recipe, rcfg = _setup_examples(cfg, tok, info, max_length)
-    sinks = [Sink(c, out, _setup_identity(c, tok, info, ds, rcfg, max_length), flag)
+    n_units = len(unit_slices(len(recipe.examples), cfg.unit_rows))
+    sinks = [Sink(c, out, _setup_identity(c, tok, info, ds, rcfg, max_length, n_units), flag)
              for (c, flag), out in zip(configs, outs, strict=True)]
     for sk in sinks:
         _check_resume(sk.cfg, sk.out, sk.identity)
@@ -412,14 +488,15 @@ def run_dump(cfg: DumpConfig, backend: Any = None) -> dict[str, Any]:
         t0 = time.perf_counter()
         with ExitStack() as stack:
             for sk in sinks:
-                sk.writer = stack.enter_context(CacheWriter(sk.out.path, sk.identity, mode=sk.out.mode,
+                sk.writer = stack.enter_context(CacheWriter(str(sk.out.path), sk.identity, mode=sk.out.mode,
+                                                            storage_options=sk.out.storage_options,
                                                             **writer_kwargs))
                 sk.done = frozenset(sk.writer.completed_units)
-                _save_config(sk.cfg, sk.out.path)
+                _save_config(sk.cfg, sk.out)
             loop = _run_units(cfg, backend, sinks, recipe.examples, tok, max_length, counts)
             t_fin = time.perf_counter()
-            # finalize waits for the last unit's encode+write: the only part not overlapped.
-            manifests = [sk.writer.finalize() for sk in sinks]
+            # The commit waits for the last unit's encode+write: the only part not overlapped.
+            finished = [_finish(sk) for sk in sinks]
             loop["finalize_s"] = time.perf_counter() - t_fin
             stats = [dict(sk.writer.stats) for sk in sinks]
         wall = time.perf_counter() - t0
@@ -427,6 +504,6 @@ def run_dump(cfg: DumpConfig, backend: Any = None) -> dict[str, Any]:
         if own_backend:
             backend.close()
     timing = backend.timing.as_dict()
-    summaries = [build_summary(m, loop, timing, st, wall, setup_s, counts, sk.out.path)
-                 for m, st, sk in zip(manifests, stats, sinks, strict=True)]
+    summaries = [{**build_summary(m, loop, timing, st, wall, setup_s, counts, sk.out.path), "finalized": done}
+                 for (m, done), st, sk in zip(finished, stats, sinks, strict=True)]
     return {**summaries[0], "capture": capture_label(cfg), "also_written": summaries[1:]}

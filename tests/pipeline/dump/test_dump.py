@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cache_format import merge_caches, open_cache, verify_cache
+from cache_format import open_cache, verify_cache
 from pipeline.dump.lm import default_stride, parse_lm_sample_id
 from pipeline.dump.run import DumpConfig, my_units, run_dump, unit_slices
 from pipeline.errors import KdpipeError
@@ -125,9 +125,9 @@ def test_resume_skips_done_units_and_refuses_other_settings(tiny_lm_dir: Path, d
     with pytest.raises(KdpipeError, match=r"encoding\.k: 8 != 4"):
         run_dump(_cfg(tiny_lm_dir, data_dir / "wiki.txt", out, limit=12, top_k=4))
     w = tmp_path / "w"
-    run_dump(_cfg(tiny_lm_dir, data_dir / "wiki.txt", w, limit=12, num_workers=2, worker_index=0))
-    with pytest.raises(KdpipeError, match=r"run\.worker_index: 0 != 1"):
-        run_dump(_cfg(tiny_lm_dir, data_dir / "wiki.txt", w, limit=12, num_workers=2, worker_index=1))
+    # Workers of one dump share one --out: the first leaves it unfinished, the last finalizes it.
+    assert not run_dump(_cfg(tiny_lm_dir, data_dir / "wiki.txt", w, limit=12, num_workers=2, worker_index=0))["finalized"]
+    assert run_dump(_cfg(tiny_lm_dir, data_dir / "wiki.txt", w, limit=12, num_workers=2, worker_index=1))["finalized"]
     s = run_dump(_cfg(tiny_lm_dir, data_dir / "wiki.txt", out, limit=12, top_k=4, overwrite=True))
     assert s["units_done"] == s["units_total"]
 
@@ -142,20 +142,17 @@ def test_unreadable_cache_is_refused_until_overwrite(tiny_lm_dir: Path, data_dir
     assert s["units_done"] == s["units_total"] and verify_cache(str(out))["ok"]
 
 
-def test_two_workers_and_merge_equal_one_worker(tiny_lm_dir: Path, data_dir: Path, tmp_path: Path,
-                                                same_content: Any) -> None:
+def test_two_workers_into_one_out_equal_one_worker(tiny_lm_dir: Path, data_dir: Path, tmp_path: Path,
+                                                   same_content: Any) -> None:
     one = tmp_path / "one"
     run_dump(_cfg(tiny_lm_dir, data_dir / "wiki.txt", one))
-    parts = []
+    shared = tmp_path / "shared"
     for i in range(2):
-        part = tmp_path / f"part{i}"
-        s = run_dump(_cfg(tiny_lm_dir, data_dir / "wiki.txt", part, num_workers=2, worker_index=i))
+        s = run_dump(_cfg(tiny_lm_dir, data_dir / "wiki.txt", shared, num_workers=2, worker_index=i))
         assert s["units_mine"] == len(my_units(s["units_total"], 2, i))
-        parts.append(str(part))
-    merged = tmp_path / "merged"
-    merge_caches(str(merged), parts)
-    assert verify_cache(str(merged))["ok"]
-    same_content(one, merged)
+        assert s["finalized"] == (i == 1)
+    assert verify_cache(str(shared))["ok"]
+    same_content(one, shared)
 
 
 def test_resume_with_other_weights_under_the_same_path_is_refused(
