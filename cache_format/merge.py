@@ -1,8 +1,11 @@
-"""``merge_caches()``: join the caches of independent workers of one dump into one cache.
+"""``merge_caches()``: join independently finalized caches of one dump into one cache.
 
-The output folder must be new, empty, or hold only the leftovers of an unfinished merge or copy
-(kdpipe temporary files ``.tmp-<32 hex>-…`` and shards named ``shard-u<9 digits>-p<4 digits>.arrow``,
-no manifest): those are kdpipe's own and are removed, so a failed merge can simply be rerun.
+(Workers that write into one ``--out`` need no merge: the last one finalizes it, see
+:mod:`cache_format.finalize`.) The output — a local folder or an object-store URL — must be new,
+empty, or hold only the leftovers of an unfinished merge or copy (kdpipe temporary files
+``.tmp-<32 hex>-…`` and shards named ``shard-u<9 digits>-p<4 digits>.arrow``, no manifest):
+those are kdpipe's own and are removed, so a failed merge can simply be rerun. Each shard is
+checked (size, sha256) before it appears under its name; the manifest is written last.
 """
 
 from __future__ import annotations
@@ -14,14 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from cache_format._files import atomic_write, copy_shard_verified, fsync_dir, is_leftover, refuse_overlap
-from cache_format.errors import CacheError, CacheExistsError, DuplicateError, IncompatibleCacheError
+from cache_format._target import WriteTarget, open_target
+from cache_format.errors import CacheExistsError, DuplicateError, IncompatibleCacheError
 from cache_format.manifest import MANIFEST_NAME, ShardInfo, build_manifest, dumps_manifest, printable
 from cache_format.reader import CacheReader, open_cache
 from cache_format.storage import is_remote
 
 
 def merge_caches(out: str | os.PathLike[str], inputs: list[str | os.PathLike[str]],
-                 storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+                 storage_options: dict[str, Any] | None = None,
+                 out_storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Copy the inputs' shards into ``out`` and write one manifest, ordered by (unit, part).
 
     Refuses inputs whose identities differ (``run`` is ignored), duplicate units, shard names and
@@ -32,12 +37,13 @@ def merge_caches(out: str | os.PathLike[str], inputs: list[str | os.PathLike[str
     if not inputs:
         raise IncompatibleCacheError("merge needs at least one input cache")
     if is_remote(out):
-        raise CacheError(f"merge writes a local folder, not {out}; merge into a local folder, then upload it with "
-                         "`kdpipe cache copy`")
-    refuse_overlap("merge", out, None, [(p, storage_options) for p in inputs])
+        out_storage_options = storage_options if out_storage_options is None else out_storage_options
+    refuse_overlap("merge", out, out_storage_options, [(p, storage_options) for p in inputs])
     # Checksums are verified while the sample ids are scanned: nothing unverified is decoded.
     readers: list[CacheReader] = [open_cache(p, storage_options, verify_checksums=True) for p in inputs]
     units = _check_mergeable(inputs, readers)
+    if is_remote(out):
+        return _merge_remote(open_target(out, out_storage_options), inputs, readers, units)
     out_dir = Path(out)
     made_dir = _prepare_out(out_dir)
     placed: list[Path] = []
@@ -48,11 +54,7 @@ def merge_caches(out: str | os.PathLike[str], inputs: list[str | os.PathLike[str
                 placed.append(out_dir / info.name)
             r.close()
         fsync_dir(out_dir)
-        identity = readers[0].identity
-        merged_identity = dataclasses.replace(identity, run={"merged_from": [
-            {"path": str(p), "run": r.identity.run} for p, r in zip(inputs, readers, strict=True)]})
-        shards: list[ShardInfo] = [info for r in readers for info in r.shard_infos]
-        manifest = build_manifest(merged_identity, readers[0].manifest.shard_encoding, shards, units)
+        manifest = _merged_manifest(inputs, readers, units)
         atomic_write(out_dir / MANIFEST_NAME, dumps_manifest(manifest).encode())
     except BaseException:
         for path in placed:
@@ -61,6 +63,32 @@ def merge_caches(out: str | os.PathLike[str], inputs: list[str | os.PathLike[str
             with contextlib.suppress(OSError):
                 out_dir.rmdir()
         raise
+    return manifest
+
+
+def _merged_manifest(inputs: list[str | os.PathLike[str]], readers: list[CacheReader], units: list[int]) -> dict[str, Any]:
+    merged_identity = dataclasses.replace(readers[0].identity, run={"merged_from": [
+        {"path": str(p), "run": r.identity.run} for p, r in zip(inputs, readers, strict=True)]})
+    shards: list[ShardInfo] = [info for r in readers for info in r.shard_infos]
+    return build_manifest(merged_identity, readers[0].manifest.shard_encoding, shards, units)
+
+
+def _merge_remote(target: WriteTarget, inputs: list[str | os.PathLike[str]], readers: list[CacheReader],
+                  units: list[int]) -> dict[str, Any]:
+    """Merge into an object-store prefix: each shard checked, then uploaded in one PUT; the manifest last."""
+    entries = target.list_files()
+    foreign = sorted(n for n, size in entries.items() if size is None or not is_leftover(n))
+    if foreign:
+        raise CacheExistsError(f"{target.describe()} is not empty: {printable(repr(foreign[0]))} is not a leftover of an "
+                               "unfinished kdpipe merge or copy; merge writes a new cache — choose an empty prefix")
+    for name in entries:
+        target.delete(name)
+    for r in readers:
+        for info in r.shard_infos:
+            target.put(info.name, bytes(r.storage.read_shard(info.name, info.bytes, info.sha256)))
+        r.close()
+    manifest = _merged_manifest(inputs, readers, units)
+    target.put(MANIFEST_NAME, dumps_manifest(manifest).encode())
     return manifest
 
 

@@ -1,4 +1,4 @@
-"""``kdpipe cache info|verify|merge|copy``: inspect, check, join and share logit caches.
+"""``kdpipe cache info|verify|merge|copy|finalize``: inspect, check, join, share and finish logit caches.
 
 Imports nothing heavy at module import: ``cache_format`` (numpy + pyarrow) is imported
 inside each command, torch never.
@@ -14,8 +14,15 @@ import typer
 cache_app = typer.Typer(name="cache", help="Inspect, verify, merge and share logit caches.", no_args_is_help=True)
 
 
-def _storage_options(endpoint_url: str | None, anon: bool) -> dict[str, Any] | None:
-    opts: dict[str, Any] = {}
+def _storage_options(endpoint_url: str | None, anon: bool, extra: list[str] | None = None) -> dict[str, Any] | None:
+    """fsspec options from --endpoint-url, --anon and --storage-option KEY=VALUE (as dump-teacher reads them)."""
+    from pipeline.dump.config import parse_storage_options
+    from pipeline.errors import ConfigError
+
+    try:
+        opts = parse_storage_options(extra or [])
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if endpoint_url:
         opts["endpoint_url"] = endpoint_url
     if anon:
@@ -25,6 +32,9 @@ def _storage_options(endpoint_url: str | None, anon: bool) -> dict[str, Any] | N
 
 EndpointOpt = Annotated[str | None, typer.Option("--endpoint-url", help="S3-compatible endpoint (e.g. MinIO).")]
 AnonOpt = Annotated[bool, typer.Option("--anon", help="Read a public bucket without credentials.")]
+StorageOpt = Annotated[list[str] | None, typer.Option(
+    "--storage-option", help="fsspec option KEY=VALUE (repeatable; VALUE parsed as JSON when it can be; dotted "
+    "keys nest: config_kwargs.read_timeout=60).")]
 
 
 def cache_summary(path: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -103,13 +113,13 @@ def verify(path: Annotated[str, typer.Argument(help="Cache directory or URL.")],
 
 
 @cache_app.command("merge")
-def merge(out: Annotated[str, typer.Argument(help="New (empty) output cache directory.")],
-          inputs: Annotated[list[str], typer.Argument(help="Caches written by the workers of one dump.")],
-          endpoint_url: EndpointOpt = None, anon: AnonOpt = False) -> None:
-    """Join caches of independent workers of one dump (identical identity) into one cache."""
+def merge(out: Annotated[str, typer.Argument(help="New (empty) output cache: directory or URL.")],
+          inputs: Annotated[list[str], typer.Argument(help="Finished caches of one dump (identical identity).")],
+          endpoint_url: EndpointOpt = None, anon: AnonOpt = False, storage_option: StorageOpt = None) -> None:
+    """Join independently finished caches of one dump into one (workers sharing one --out need no merge)."""
     from cache_format import merge_caches
 
-    m = merge_caches(out, inputs, _storage_options(endpoint_url, anon))
+    m = merge_caches(out, inputs, _storage_options(endpoint_url, anon, storage_option))
     typer.echo(f"merged {len(inputs)} caches into {out}: {m['totals']['shards']} shards, {m['totals']['rows']} rows")
 
 
@@ -124,6 +134,20 @@ def copy(src: Annotated[str, typer.Argument(help="Finished cache: directory or U
     opts = _storage_options(endpoint_url, anon)
     m = copy_cache(src, dst, src_storage_options=opts, dst_storage_options=opts, overwrite=overwrite)
     typer.echo(f"copied {m['totals']['shards']} shards ({m['totals']['bytes']} bytes) to {dst}")
+
+
+@cache_app.command("finalize")
+def finalize(url: Annotated[str, typer.Argument(help="Unfinished cache written by one or many workers: directory "
+                                                    "or URL.")],
+             verify_sha256: Annotated[bool, typer.Option("--verify", help="Also check every shard's sha256 (reads "
+                                                                          "every byte; sizes are always checked).")]
+             = False,
+             endpoint_url: EndpointOpt = None, storage_option: StorageOpt = None) -> None:
+    """Write the manifest once every unit is there (what the last dump worker does); exit 2 naming missing units."""
+    from cache_format.finalize import finalize_cache
+
+    m = finalize_cache(url, _storage_options(endpoint_url, False, storage_option), verify=verify_sha256)
+    typer.echo(f"finalized {url}: {len(m['units'])} units, {m['totals']['shards']} shards, {m['totals']['rows']} rows")
 
 
 def register(app: typer.Typer) -> None:

@@ -256,23 +256,39 @@ class DumpConfig(StrictModel):
 
     def storage_options(self) -> dict[str, Any] | None:
         """fsspec options of --out from --endpoint-url and --storage-option (None: none given)."""
-        opts: dict[str, Any] = {}
+        opts = parse_storage_options(self.storage_option)
         if self.endpoint_url:
             opts["endpoint_url"] = self.endpoint_url
-        for item in self.storage_option:
-            key, sep, raw = item.partition("=")
-            if not sep or not key:
-                raise ValueError(f"--storage-option {item!r} must look like KEY=VALUE")
-            try:
-                value: Any = json.loads(raw)
-            except ValueError:
-                value = raw
-            *parents, last = key.split(".")
-            node = opts
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[last] = value
         return opts or None
+
+    @field_validator("storage_option")
+    @classmethod
+    def _check_storage_option(cls, v: list[str]) -> list[str]:
+        parse_storage_options(v)
+        return v
+
+
+def parse_storage_options(items: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings as fsspec options: VALUE read as JSON when it parses (``true``, ``5``), dotted keys nest."""
+    opts: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ValueError(f"--storage-option {item!r} must look like KEY=VALUE (e.g. anon=true, "
+                             "config_kwargs.read_timeout=60)")
+        try:
+            value: Any = json.loads(raw)
+        except ValueError:
+            value = raw
+        *parents, last = key.split(".")
+        node = opts
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ValueError(f"--storage-option {item!r}: {part} is already set to a value, not options")
+            node = child
+        node[last] = value
+    return opts
 
 
 # Where a worker's index and count come from when the flags are not given: (index var, count var, launcher).

@@ -2,12 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,30 +17,13 @@ from cache_format import (
     verify_cache,
 )
 from helpers.cache import write_topk_cache
+from helpers.moto_s3 import free_port as _free_port  # noqa: F401 (test_s3_timeouts imports it from here)
+from helpers.moto_s3 import moto_available, moto_server
+from helpers.moto_s3 import wait_for_port as _wait_for_port  # noqa: F401
 
-# moto is never imported into the test process: its Flask app leaves werkzeug context-local
-# proxies in sys.modules, and vLLM's start-up (later in the same session) trips over them with
-# "Working outside of application context". The server runs in its own process instead.
-if importlib.util.find_spec("moto") is None or importlib.util.find_spec("s3fs") is None:
+# moto runs in its own process, never imported here: see helpers/moto_s3.py.
+if not moto_available():
     pytest.skip("moto[server] and s3fs are needed (the dev extra)", allow_module_level=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"moto server exited with code {proc.returncode} before listening")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"moto server did not listen on 127.0.0.1:{port} within {timeout_s:.0f} s")
 
 
 @pytest.fixture(scope="module")
@@ -55,25 +32,8 @@ def s3(monkeypatch_module: pytest.MonkeyPatch) -> Iterator[dict[str, object]]:
                         "AWS_DEFAULT_REGION": "us-east-1", "AWS_SESSION_TOKEN": "testing"}
     for key, value in fake_credentials.items():
         monkeypatch_module.setenv(key, value)
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **fake_credentials},
-    )
-    try:
-        _wait_for_port(port, proc)
-        endpoint = f"http://127.0.0.1:{port}"
-        import boto3
-
-        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="caches")
+    with moto_server(**fake_credentials) as (_, endpoint):
         yield {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
