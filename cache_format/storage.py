@@ -118,6 +118,10 @@ class Storage:
                                  f"{', '.join(s + '://' for s in REMOTE_SCHEMES)}")
             self._fs, root, self._tries = remote_filesystem(self.url, storage_options)
             self.root = root.rstrip("/")
+            # fsspec shares one filesystem (and its listing cache) per process: a listing taken before another
+            # process (a dump worker) wrote the manifest would hide it. A new Storage sees the store as it is now.
+            with contextlib.suppress(AttributeError):
+                self._fs.invalidate_cache(self.root)
         else:
             self.root = str(Path(local_path(self.url)))
 
