@@ -99,10 +99,10 @@ class _Place:
     """--out as a local folder or an S3 prefix: its URL, extra flags, options, and what it holds."""
 
     def __init__(self, url: str, flags: list[str], opts: dict[str, Any] | None, keys: Callable[[], list[str]]) -> None:
-        self.url, self.flags, self.opts, self.keys = url, flags, opts, keys
+        self.url, self.flags, self.opts, self.names = url, flags, opts, keys
 
     def markers(self) -> list[int]:
-        return sorted(int(m.group(1)) for k in self.keys() if (m := UNIT_MARKER_RE.fullmatch(k)))
+        return sorted(int(m.group(1)) for k in self.names() if (m := UNIT_MARKER_RE.fullmatch(k)))
 
     def local_copy(self, dest: Path) -> Path:
         if self.opts is None:
@@ -173,7 +173,7 @@ def test_two_workers_write_one_cache_equal_to_one_worker(place: _Place, tiny_lm_
              for i in range(2)]
     logs = [_wait(p, f"worker {i}") for i, p in enumerate(procs)]
     assert all("note: worker" in log and "$RANK/$WORLD_SIZE (torchrun)" in log for log in logs)
-    assert MANIFEST_NAME in place.keys() and not place.markers()
+    assert MANIFEST_NAME in place.names() and not place.markers()
     assert verify_cache(place.url, place.opts)["ok"]
     same_content(place.local_copy(tmp_path / "down"), whole)
     assert finalize_cache(place.url, place.opts) == open_cache(place.url, place.opts).manifest.raw  # idempotent
@@ -200,7 +200,7 @@ def test_kill_minus_9_of_one_worker_then_rerun_it(place: _Place, tiny_lm_dir: Pa
     assert victim.returncode == -signal.SIGKILL
     log = _wait(_spawn(args[0], env), "worker 0")
     assert "not finalized yet" in log and "worker 1" in log
-    assert MANIFEST_NAME not in place.keys()
+    assert MANIFEST_NAME not in place.names()
     with pytest.raises(MissingUnitsError, match=r"units are not complete yet: unit \d+ \(worker 1\).*rerun those workers.*kdpipe cache finalize"):
         finalize_cache(place.url, place.opts)
     log = _wait(_spawn(args[1], env), "worker 1, rerun")  # resumes its own units, then finalizes
