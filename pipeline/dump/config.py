@@ -331,7 +331,7 @@ def resolve_workers(cfg: DumpConfig, env: Mapping[str, str] | None = None) -> Du
 
     if cfg.worker_index is not None and cfg.num_workers is not None:
         return cfg
-    env = os.environ if env is None else env
+    env = os.environ if env is None else env  # a given mapping (tests) is only read; os.environ may be set
     try:
         found = workers_from_env(env)
     except ValueError as exc:
@@ -354,4 +354,8 @@ def resolve_workers(cfg: DumpConfig, env: Mapping[str, str] | None = None) -> Du
 
         if torch.cuda.is_available():
             update["device"] = f"cuda:{_env_int(env, 'LOCAL_RANK') % torch.cuda.device_count()}"
+    if "LOCAL_RANK" in env and cfg.backend == "vllm" and "CUDA_VISIBLE_DEVICES" not in env and env is os.environ:
+        # vLLM takes the first visible GPUs: show each torchrun process its own --tensor-parallel-size of them.
+        first = _env_int(env, "LOCAL_RANK") * cfg.tensor_parallel_size
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(first + i) for i in range(cfg.tensor_parallel_size))
     return cfg.model_copy(update=update)

@@ -11,16 +11,19 @@ Flow (each step a ``_setup_*`` function, then one loop):
 5. the teacher backend; then the work loop.
 
 Work units: examples are cut into units of ``unit_rows`` consecutive rows; unit ``j`` belongs to
-worker ``j % num_workers``. A unit is the resume granule (the writer journals it durably with
-``end_unit``) and the batching scope (rows are sorted by length *inside* a unit, so a unit's
-numbers do not depend on which worker runs it, and N workers + merge equal one worker).
+worker ``j % num_workers`` (``--worker-index``/``--num-workers``, by default from torchrun's
+``RANK``/``WORLD_SIZE`` or SLURM's variables, :func:`pipeline.dump.config.resolve_workers`). A unit is
+the resume granule (the writer commits it with a marker in ``end_unit``) and the batching scope (rows
+are sorted by length *inside* a unit, so a unit's numbers do not depend on which worker runs it).
+All workers write into the one ``--out`` (a folder or an object-store URL); each finalizes the cache
+when it finds every unit there, so the last one to finish does, and N workers equal one worker.
 Encoding and writing run on the writer's background thread while the next unit's forward pass
 runs, so the teacher never waits for compression or the disk. With ``--engine ray`` the units are
 computed by a pool of Ray actors (:mod:`pipeline.dump.ray_engine`) and written here as they finish.
 
 The resolved config goes into the manifest's ``identity.run`` and, re-loadable with ``--config``,
-beside the cache as ``<out>.config.yaml`` (:func:`config_path`); the cache folder holds only
-what SPEC §1 lists.
+beside a local cache as ``<out>.config.yaml`` (``<out>.config-w<i>.yaml`` per worker; :func:`config_path`);
+the cache folder holds only what SPEC §1 lists.
 """
 
 from __future__ import annotations
@@ -442,8 +445,9 @@ def _finish(sk: Sink) -> tuple[dict[str, Any], bool]:
     try:
         return finalize_cache(str(sk.out.path), sk.out.storage_options), True
     except MissingUnitsError as exc:
-        print(f"note: this worker's units are done; the cache is not finalized yet: {exc} — the last worker to "
-              "finish finalizes it, or run that command", file=sys.stderr)
+        print("note: this worker's units are done, but other workers' are not yet, so the cache is not finalized: "
+              "the last worker to finish finalizes it (or, if a worker failed: rerun it, then `kdpipe cache "
+              f"finalize`). {exc}", file=sys.stderr)
         return {"totals": exc.totals}, False
 
 

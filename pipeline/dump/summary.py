@@ -49,8 +49,9 @@ def format_summary(s: dict[str, Any]) -> str:
     def f(v: Any, spec: str = ".3g") -> str:
         return "-" if v is None else format(v, spec)
 
+    state = "" if s.get("finalized", True) else "  (not finalized yet: other workers' units are missing)"
     return "\n".join([
-        f"cache: {s['out']}  rows {s['rows']}  tokens {s['tokens']}  target positions {s['positions']}  "
+        f"cache: {s['out']}{state}  rows {s['rows']}  tokens {s['tokens']}  target positions {s['positions']}  "
         f"shards {s['shards']}  bytes {s['bytes']} ({f(s['bytes_per_token'], '.1f')} B/position)",
         f"this run: {s['units_done']} units ({s['units_resumed']} already done), {s['tokens_this_run']} tokens in "
         f"{f(s['wall_s'], '.2f')} s = {f(s['tokens_per_s'], '.0f')} tokens/s; setup {f(s['setup_s'], '.1f')} s",

@@ -199,7 +199,7 @@ def test_kill_minus_9_of_one_worker_then_rerun_it(place: _Place, tiny_lm_dir: Pa
             victim.stderr.close()
     assert victim.returncode == -signal.SIGKILL
     log = _wait(_spawn(args[0], env), "worker 0")
-    assert "not finalized yet" in log and "worker 1" in log
+    assert "the cache is not finalized" in log and "worker 1" in log
     assert MANIFEST_NAME not in place.names()
     with pytest.raises(MissingUnitsError, match=r"units are not complete yet: unit \d+ \(worker 1\).*rerun those workers.*kdpipe cache finalize"):
         finalize_cache(place.url, place.opts)
