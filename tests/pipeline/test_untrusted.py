@@ -184,7 +184,7 @@ def test_dump_rerun_repairs_missing_or_damaged_shards(damage: str, reference_dum
         shard.unlink()
         shard.symlink_to(outside)
     else:
-        if damage == "unfinished + damage":  # as if the dump was killed before finalize: journal, no manifest
+        if damage == "unfinished + damage":  # as if the dump was killed before finalize: unit markers, no manifest
             CacheWriter(out, read_identity(str(out)), mode="resume").close()
             assert not (out / "manifest.json").exists()
         flip_byte(shard)

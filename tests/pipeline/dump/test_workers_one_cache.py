@@ -209,3 +209,40 @@ def test_kill_minus_9_of_one_worker_then_rerun_it(place: _Place, tiny_lm_dir: Pa
     assert m.units == list(range(len(m.units))) and len({s.name for s in m.shards}) == len(m.shards)
     assert verify_cache(place.url, place.opts)["ok"]
     same_content(place.local_copy(tmp_path / "down"), whole)
+
+
+def test_cache_finalize_command_names_missing_units_then_finalizes(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    import dataclasses
+
+    from cache_format import CacheWriter
+    from helpers.cache import identity, topk_batch
+    from pipeline.cli import main
+
+    ident = identity(run={"num_workers": 2, "worker_index": 0})
+    ident = dataclasses.replace(ident, recipe={**ident.recipe, "units": {"unit_rows": 1, "count": 4}})
+    out = tmp_path / "c"
+
+    def worker(i: int) -> None:
+        with CacheWriter(out, dataclasses.replace(ident, run={"num_workers": 2, "worker_index": i}),
+                         mode="shared") as w:
+            for u in range(i, 4, 2):
+                w.write(topk_batch([f"u{u}"], seed=u))
+                w.end_unit(u)
+            w.commit()
+
+    worker(0)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["cache", "finalize", str(out)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert "2 of 4 units are not complete yet: unit 1 (worker 1), 3 (worker 1)" in err
+    worker(1)
+    with pytest.raises(SystemExit, match="0"):
+        main(["cache", "finalize", str(out), "--verify"])
+    assert "finalized" in capsys.readouterr().out
+    m = open_cache(str(out)).manifest
+    assert m.units == [0, 1, 2, 3] and "worker_index" not in m.identity.run
+    with pytest.raises(SystemExit, match="0"):
+        main(["cache", "finalize", str(out)])  # a finished cache: nothing changes
+    assert open_cache(str(out)).manifest.raw == m.raw
