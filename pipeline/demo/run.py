@@ -234,6 +234,7 @@ def _step_dump(state: DemoState, seed: int) -> None:
         teacher=str(state.paths["teacher"]), backend=state.backend, task="lm", out=str(out),
         dataset=str(state.paths["train"]), max_length=s.seq_len, top_k=s.top_k, batch_size=16,
         seed=seed, overwrite=True, progress=False,
+        worker_index=0, num_workers=1,  # one writer, even when launched under torchrun/SLURM variables
     )
     state.facts["dump"] = run_dump(cfg)
     state.paths["cache"] = out
