@@ -303,6 +303,22 @@ def _setup_identity(cfg: DumpConfig, tok: Any, info: _ModelInfo, ds: Any, rcfg: 
     )
 
 
+def _legacy_units(identity: CacheIdentity, previous: CacheIdentity | None) -> CacheIdentity:
+    """Resuming a cache of the version before ``units.count`` (``{"unit_rows", "num_workers"}``): keep its record.
+
+    Its units are the same row slices, so it resumes as it was; without a count, finalize accepts the
+    units present (as that version's per-worker caches, later merged, need).
+    """
+    import dataclasses
+
+    old = (previous.recipe if previous is not None else {}).get("units")
+    new = identity.recipe.get("units")
+    if (isinstance(old, dict) and isinstance(new, dict) and set(old) == {"unit_rows", "num_workers"}
+            and old["unit_rows"] == new.get("unit_rows")):
+        return dataclasses.replace(identity, recipe={**identity.recipe, "units": old})
+    return identity
+
+
 def _check_resume(cfg: DumpConfig, out: _Output, identity: Any) -> None:
     """Refuse to resume into a cache made with other settings, naming the first ones that differ; then
     re-check the finished units' shards and have the writer redo those missing or damaged."""
@@ -473,6 +489,7 @@ def run_dump(cfg: DumpConfig, backend: Any = None) -> dict[str, Any]:
     sinks = [Sink(c, out, _setup_identity(c, tok, info, ds, rcfg, max_length, n_units), flag)
              for (c, flag), out in zip(configs, outs, strict=True)]
     for sk in sinks:
+        sk.identity = _legacy_units(sk.identity, sk.out.previous)
         _check_resume(sk.cfg, sk.out, sk.identity)
     own_backend = backend is None
     if own_backend:

@@ -246,3 +246,41 @@ def test_cache_finalize_command_names_missing_units_then_finalizes(tmp_path: Pat
     with pytest.raises(SystemExit, match="0"):
         main(["cache", "finalize", str(out)])  # a finished cache: nothing changes
     assert open_cache(str(out)).manifest.raw == m.raw
+
+
+def test_resume_of_a_cache_started_by_the_previous_version(tiny_lm_dir: Path, data_dir: Path, tmp_path: Path,
+                                                          same_content: Any) -> None:
+    """Journal instead of markers, and recipe.units without a count: it resumes as it was and finalizes."""
+    import dataclasses
+    import json
+
+    from cache_format.manifest import INCOMPLETE_MARKER, PROGRESS_JOURNAL, dumps_marker
+
+    def cfg(out: Path) -> DumpConfig:
+        return DumpConfig.model_validate({"teacher": str(tiny_lm_dir), "dataset": str(data_dir / "wiki.txt"),
+                                          "top_k": 8, "max_length": 16, "unit_rows": 4, "device": "cpu",
+                                          "progress": False, "out": str(out)})
+
+    whole, old = tmp_path / "whole", tmp_path / "old"
+    with _one_torch_thread():
+        run_dump(cfg(whole))
+    m = open_cache(str(whole)).manifest
+    assert len(m.units) >= 4
+    old.mkdir()
+    done = m.units[: len(m.units) // 2]
+    lines = []
+    for s in m.shards:
+        if s.unit in done:
+            (old / s.name).write_bytes((whole / s.name).read_bytes())
+    for u in done:
+        lines.append(json.dumps({"unit": u, "shards": [s.to_dict() for s in m.shards if s.unit == u]}))
+    (old / PROGRESS_JOURNAL).write_text("\n".join(lines) + "\n")
+    units = {"unit_rows": 4, "num_workers": 1}
+    ident = dataclasses.replace(m.identity, recipe={**m.identity.recipe, "units": units})
+    (old / INCOMPLETE_MARKER).write_bytes(dumps_marker(ident, m.created_at))
+    with _one_torch_thread():
+        s = run_dump(cfg(old))
+    assert s["units_resumed"] == len(done) and s["finalized"]
+    assert open_cache(str(old)).manifest.identity.recipe["units"] == units
+    assert sorted(p.name for p in old.iterdir()) == sorted(p.name for p in whole.iterdir())
+    same_content(old, whole)
