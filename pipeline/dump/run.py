@@ -292,6 +292,8 @@ def _setup_identity(cfg: DumpConfig, tok: Any, info: _ModelInfo, ds: Any, rcfg: 
         recipe["max_new_tokens"] = cfg.max_new_tokens if cfg.teacher_generates else None
         recipe["seed"] = cfg.seed if cfg.encoding == "sampled" else None
     run = json.loads(cfg.model_dump_json())
+    # Manifests are shared: storage option values (credentials, perhaps) stay out, their keys stay in.
+    run["storage_option"] = [item.partition("=")[0] + "=..." for item in cfg.storage_option]
     return CacheIdentity(
         teacher=_teacher_identity(cfg, info),
         tokenizer={"name": cfg.tokenizer or cfg.teacher, "vocab_size": len(tok), "model_vocab_size": info.vocab_size,

@@ -284,3 +284,16 @@ def test_resume_of_a_cache_started_by_the_previous_version(tiny_lm_dir: Path, da
     assert open_cache(str(old)).manifest.identity.recipe["units"] == units
     assert sorted(p.name for p in old.iterdir()) == sorted(p.name for p in whole.iterdir())
     same_content(old, whole)
+
+
+def test_storage_options_from_flags() -> None:
+    from pipeline.dump.config import parse_storage_options
+
+    cfg = _cfg(out="s3://b/p", endpoint_url="http://minio:9000",
+               storage_option=["anon=false", "config_kwargs.read_timeout=60", "client_kwargs.region_name=eu-1"])
+    assert cfg.storage_options() == {"anon": False, "config_kwargs": {"read_timeout": 60},
+                                     "client_kwargs": {"region_name": "eu-1"}, "endpoint_url": "http://minio:9000"}
+    assert _cfg().storage_options() is None
+    for bad in (["novalue"], ["=x"], ["a..b=1"], ["a=1", "a.b=2"]):
+        with pytest.raises(ValueError, match=r"--storage-option"):
+            parse_storage_options(bad)
