@@ -19,7 +19,7 @@ from typing import Any
 
 from cache_format._files import TEMP_NAME_RE, WRITER_SHARD_RE
 from cache_format._target import WriteTarget
-from cache_format.errors import CacheExistsError, IncompatibleCacheError, ManifestError
+from cache_format.errors import CacheExistsError, CacheNotFoundError, IncompatibleCacheError, ManifestError
 from cache_format.identity import CacheIdentity
 from cache_format.manifest import (
     INCOMPLETE_MARKER,
@@ -195,7 +195,7 @@ def read_done_units(target: WriteTarget, entries: dict[str, int | None], check_s
             continue
         try:
             data = target.read(name, MAX_MANIFEST_BYTES)
-        except FileNotFoundError:
+        except (FileNotFoundError, CacheNotFoundError):
             continue  # removed meanwhile (a finalize in another process)
         unit, rec = parse_unit_marker(data, target.describe(name))
         if unit == int(m.group(1)) and (not check_sizes or _complete(rec, entries)):

@@ -97,9 +97,14 @@ class LocalTarget(WriteTarget):
             return {}
         if self.root.is_symlink() or not self.root.is_dir():
             raise CacheExistsError(f"{self.root} exists and is not a directory; choose another output path")
+        out: dict[str, int | None] = {}
         with os.scandir(self.root) as it:
-            return {e.name: e.stat(follow_symlinks=False).st_size if e.is_file(follow_symlinks=False) else None
-                    for e in it}
+            for e in it:
+                try:
+                    out[e.name] = e.stat(follow_symlinks=False).st_size if e.is_file(follow_symlinks=False) else None
+                except FileNotFoundError:
+                    continue  # renamed or removed meanwhile by another worker (a temporary file committed)
+        return out
 
     def makedirs(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
