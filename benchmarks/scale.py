@@ -11,6 +11,7 @@ same run (scales are interleaved within every repeat, so machine-load drifts hit
   ``--out`` (polled every 50 ms); then the dump is stopped (SIGTERM, then SIGKILL): no need to dump
   the whole 40× corpus. The writer publishes a shard when a work unit ends, so units are made small
   (``--unit-rows`` on main, ``--unit-bytes`` where the CLI has it) and so are shards (``--max-shard-rows``).
+  No ``--limit``: on main it cuts the rows read and tokenized, which would hide exactly the growth measured.
 - **peak RSS**: the dump process's ``VmHWM`` (Linux ``/proc/<pid>/status``) at its first shard, raw and
   *net* of a baseline child that imports the pipeline and loads the same teacher and tokenizer with
   transformers but reads no data ("beyond the loaded teacher").
@@ -269,13 +270,16 @@ print(json.dumps(kb))
 """
 
 
-def _baseline_once(teacher: Path) -> float:
-    """Peak RSS (MB) of a process that imports the pipeline and loads the teacher and tokenizer, no data."""
+def _baseline_once(teacher: Path) -> dict[str, float]:
+    """Peak RSS (MB) and wall time of a process that imports the pipeline and loads the teacher and
+    tokenizer, no data: the memory every dump holds anyway, and the start-up floor under every TTFS."""
+    t0 = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", _BASELINE_CODE, str(teacher)], cwd=REPO, env=_child_env(),
                          capture_output=True, text=True, timeout=600)
+    wall = time.perf_counter() - t0
     if out.returncode != 0:
         raise SystemExit(f"baseline child failed:\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])["VmHWM"] / 1024
+    return {"peak_rss_mb": json.loads(out.stdout.strip().splitlines()[-1])["VmHWM"] / 1024, "wall_s": wall}
 
 
 # ----------------------------------------------------------------------------- the input pipeline alone
@@ -343,11 +347,15 @@ def _tokens_via_sources(sources: Any, corpus: Path, tokenizer: Any, args: argpar
         kwargs = {k: settings[k] for k in params if k in settings}
     src = sources.open_source(**kwargs)
     recipe = _lm_recipe()
+    # A unit may hold only blank lines: the dump skips it (build_examples(allow_empty=True) where it exists).
+    extra = {"allow_empty": True} if "allow_empty" in inspect.signature(build_examples).parameters else {}
     tokens = rows = 0
     for u in range(src.num_units):
         unit = src.read_unit(u)
         unit = unit[0] if isinstance(unit, tuple) else unit
-        examples = build_examples(unit, tokenizer, recipe).examples
+        if unit.num_rows == 0:
+            continue
+        examples = build_examples(unit, tokenizer, recipe, **extra).examples
         tokens += sum(len(e.positions) for e in examples)
         rows += len(examples)
     return tokens, rows
@@ -432,7 +440,8 @@ def main(argv: list[str] | None = None) -> None:
     ip = _measure_input_pipeline(_setup_corpus(args.data, 1, args.scratch), teacher, args)
     tokens_1x = ip["tokens"]
     baseline = [_baseline_once(teacher) for _ in range(args.repeats)]
-    baseline_mb = statistics.median(baseline)
+    baseline_mb = statistics.median(b["peak_rss_mb"] for b in baseline)
+    startup_s = statistics.median(b["wall_s"] for b in baseline)
     runs: dict[int, list[dict[str, Any]]] = {s: [] for s in args.scales}
     for rep in range(args.repeats):  # scales interleaved: a slow spell on the machine hits every scale
         for s in args.scales:
@@ -445,14 +454,15 @@ def main(argv: list[str] | None = None) -> None:
     print(f"dump-teacher over {args.data.name} repeated {', '.join(f'{s}×' for s in args.scales)}; teacher: "
           f"SmolLM2 tokenizer + random 2-layer body ({teacher}); {' '.join(unit_flags)}, --max-shard-rows "
           f"{args.max_shard_rows}; median of {args.repeats}; tokens ≈ scale × the 1× corpus's {tokens_1x:,}; "
-          f"net RSS = peak − {baseline_mb:.0f} MB (pipeline imported, teacher + tokenizer loaded, no data)")
+          f"net RSS = peak − {baseline_mb:.0f} MB (pipeline imported, teacher + tokenizer loaded, no data; such "
+          f"a process takes {startup_s:.1f} s, the floor under every TTFS)")
     print(text)
     print(_input_line(ip))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "args": {k: str(v) for k, v in vars(args).items()}, "unit_flags": unit_flags,
-            "baseline_mb": baseline, "runs": {str(s): r for s, r in runs.items()}, "table": table,
+            "baseline": baseline, "baseline_mb": baseline_mb, "startup_s": startup_s, "runs": {str(s): r for s, r in runs.items()}, "table": table,
             "input_pipeline": ip,
         }, indent=2) + "\n")
 
