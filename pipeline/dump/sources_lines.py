@@ -12,7 +12,7 @@ from pipeline.errors import DatasetError
 
 LineFormat = Literal["text", "sst2", "json"]
 # Bytes read per step while looking for the next line start: a long line is skipped without holding it.
-_SKIP_BLOCK = 1 << 16
+_SKIP_BLOCK = 1 << 13
 
 
 def skip_to_line_start(fh: IO[bytes], lo: int) -> int:
