@@ -176,3 +176,59 @@ def test_bad_lines_name_file_and_byte_offset(tmp_path: Path) -> None:
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(DatasetError, match=r"empty\.txt has no rows"):
         open_source(str(tmp_path / "empty.txt"))
+
+
+# ----------------------------------------------------------------------------- in a dump
+
+
+def test_dump_packs_per_unit_and_a_resume_reads_no_finished_unit(
+    tiny_lm_dir: Path, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, torch_one_thread: None
+) -> None:
+    from cache_format import open_cache
+    from pipeline.dump.lm import parse_lm_sample_id
+    from pipeline.dump.run import DumpConfig, run_dump
+
+    data, B = data_dir / "wiki.txt", 300
+    cfg = DumpConfig(teacher=str(tiny_lm_dir), dataset=str(data), out=str(tmp_path / "c"), top_k=4, max_length=24,
+                     unit_bytes=B, device="cpu", progress=False)
+    first = run_dump(cfg)
+    cache = open_cache(str(tmp_path / "c"))
+    n_units = -(-data.stat().st_size // B)
+    assert cache.manifest.identity.recipe["units"] == {"rule": "bytes", "unit_bytes": B, "count": n_units,
+                                                       "row_key": sources.BYTE_KEY}
+    keys = {k for k, t in _line_rows(data.read_bytes()) if t.strip()}
+    ids = [parse_lm_sample_id(str(r.sample_id)) for r in cache.iter_rows()]
+    assert {i.doc for i in ids} <= keys and {i.first_doc for i in ids} <= keys
+    assert all(i.doc // B == i.first_doc // B for i in ids)  # packing restarts at each unit: no window spans two
+    assert first["units_total"] == n_units > 3
+
+    reads: list[int] = []
+    read_unit = sources.LineSource.read_unit
+    monkeypatch.setattr(sources.LineSource, "read_unit", lambda self, u: (reads.append(u), read_unit(self, u))[1])
+    again = run_dump(cfg)
+    # Only the probe (the first unit with rows, so a wrong field fails before the teacher loads).
+    assert again["units_done"] == 0 and again["rows"] == first["rows"] and reads == [0]
+
+
+def test_row_units_two_workers_and_merge_equal_one(tiny_lm_dir: Path, tiny_texts: list[str], tmp_path: Path,
+                                                   same_content: Any, torch_one_thread: None) -> None:
+    import csv
+
+    from cache_format import merge_caches, open_cache
+    from pipeline.dump.run import DumpConfig, run_dump
+
+    data = tmp_path / "d.csv"
+    with data.open("w", newline="") as fh:
+        csv.writer(fh).writerows([["id", "text"], *[[i, t] for i, t in enumerate(tiny_texts[:30])]])
+    base = {"teacher": str(tiny_lm_dir), "dataset": str(data), "top_k": 4, "max_length": 24, "unit_rows": 4,
+            "device": "cpu", "progress": False}
+    run_dump(DumpConfig(**base, out=str(tmp_path / "one")))
+    parts = []
+    for i in range(2):
+        parts.append(str(tmp_path / f"p{i}"))
+        s = run_dump(DumpConfig(**base, out=parts[-1], num_workers=2, worker_index=i))
+        assert s["units_total"] == 8 and s["units_mine"] == 4
+    merge_caches(str(tmp_path / "merged"), parts)
+    same_content(tmp_path / "one", tmp_path / "merged")
+    units = open_cache(str(tmp_path / "one")).manifest.identity.recipe["units"]
+    assert units == {"rule": "rows", "unit_rows": 4, "count": 8, "row_key": "row index"}
