@@ -41,13 +41,13 @@ from pipeline.dump.datasets import (
     DatasetFormat,
     LoadedDataset,
     _detect_format,
-    _file_fingerprint,
     _read_json,
     _records_to_columns,
     _split_file,
     hub_dataset,
     saved_dataset,
 )
+from pipeline.dump.fingerprints import dataset_fingerprint
 from pipeline.dump.sources_lines import LineFormat, line_rows, skip_to_line_start
 from pipeline.errors import DatasetError
 from pipeline.hf_io import first_line
@@ -280,9 +280,11 @@ def _text_lines(path: Path) -> int:
     return n + (last != b"\n")
 
 
-def _open_file(file: Path, name: str, split: str | None, kind: DatasetFormat, limit: int | None,
+def _open_file(root: Path, file: Path, name: str, split: str | None, kind: DatasetFormat, limit: int | None,
                unit_bytes: int, unit_rows: int) -> Source:
-    fp = _file_fingerprint([file], f"format={kind};limit={limit}")
+    # SPEC §2.2: the tree digest of the file, named under the dataset root (one streaming read of its
+    # bytes, nothing parsed); how rows are cut and how many were used are identity members of their own.
+    fp = dataset_fingerprint(root, [file])
     common = {"name": name, "config": None, "split": split, "source": str(file), "fingerprint": fp}
     if kind in ("text", "sst2") or (kind == "json" and not _is_json_array(file)):
         size = file.stat().st_size
@@ -336,8 +338,8 @@ def open_source(name: str, *, config: str | None = None, split: str = "train", l
         src = _arrow_source(saved_dataset(path), str(path), str(path), None, None, limit, unit_rows)
     else:
         file = _split_file(path, split) if path.is_dir() else path
-        src = _open_file(file, str(path), split if path.is_dir() else None, _detect_format(file, fmt), limit,
-                         unit_bytes, unit_rows)
+        src = _open_file(path if path.is_dir() else path.parent, file, str(path), split if path.is_dir() else None,
+                         _detect_format(file, fmt), limit, unit_bytes, unit_rows)
     if src.num_units == 0 or src.num_rows == 0:
         raise DatasetError(f"dataset {src.source} has no rows; check --dataset, --split and --limit")
     return src

@@ -140,7 +140,8 @@ class RecipeConfig:
 class Example:
     """One cache row before the teacher runs.
 
-    ``sample_id``: the dataset row index, or (``lm``) the window's provenance string;
+    ``sample_id``: the row's key (``LoadedDataset.keys``: its index, or in a dump its source key, a byte
+    offset or row index), or (``lm``) the window's provenance string;
     ``input_ids``: int32 [T]; ``positions``: int32 [n_pos], strictly increasing, < T;
     ``prompt_len``: tokens before the response (summarization/reasoning), used to rebuild the
     row when the teacher generates its own response.

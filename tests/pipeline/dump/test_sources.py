@@ -119,8 +119,12 @@ def test_limit_ends_line_files_after_row_n(tmp_path: Path, size: int) -> None:
     assert src.num_rows == 3 and [r["text"] for _, r in _all(src)] == ["first line", "", "ä second, straddles"]
     (tmp_path / "d.jsonl").write_text('{"a": 1}\n\n{"a": 2}\n{"a": 3}\n')
     assert [r["a"] for _, r in _all(open_source(str(tmp_path / "d.jsonl"), unit_bytes=size, limit=2))] == [1, 2]
-    # Identity: another limit is another dataset.
-    assert open_source(str(p), limit=3).fingerprint != open_source(str(p)).fingerprint
+    # Identity: the fingerprint covers the bytes (SPEC §2.2 tree digest), num_rows how many rows were used.
+    from pipeline.dump.fingerprints import dataset_fingerprint
+
+    assert open_source(str(p), limit=3).fingerprint == open_source(str(p)).fingerprint == dataset_fingerprint(
+        tmp_path, [p])
+    assert open_source(str(p), limit=3).identity()["num_rows"] == 3 != open_source(str(p)).identity()["num_rows"]
 
 
 class _Counting(io.RawIOBase):
