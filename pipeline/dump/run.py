@@ -219,13 +219,18 @@ class UnitPlan:
             return self.kept.pop(u)
         return self._build(u) or []
 
-    def probe(self) -> None:
-        """Build the first unit with rows now (a missing field or bad line fails before the teacher loads);
-        refuse a dataset that gives no row to distill."""
-        for u in range(self.num_units):
+    def probe(self, mine: list[int]) -> None:
+        """Build this worker's first unit with rows now, so a missing field or a bad line fails before the
+        teacher loads (its rows are kept for the loop); refuse a dataset that gives no row to distill.
+
+        Only when none of ``mine`` has a row are the other units read, to tell an idle worker from an
+        empty dataset."""
+        others = sorted(set(range(self.num_units)) - set(mine))
+        for u in [*mine, *others]:
             rows = self._build(u)
             if rows:
-                self.kept[u] = rows
+                if u in mine:
+                    self.kept[u] = rows
                 return
         raise DatasetError(f"dataset {self.source.source} gave no rows to distill; check --text-field and --limit")
 
@@ -243,7 +248,7 @@ def _setup_examples(cfg: DumpConfig, tok: Any, info: _ModelInfo, max_length: int
     rcfg = _recipe_config(cfg, max_length)
     label2id = {v: k for k, v in info.id2label.items()} if info.id2label else None
     plan = UnitPlan(src, rcfg, tok, label2id)
-    plan.probe()
+    plan.probe(my_units(plan.num_units, cfg.num_workers, cfg.worker_index))
     return src, plan, rcfg.resolved()
 
 

@@ -215,7 +215,8 @@ def test_dump_packs_per_unit_and_a_resume_reads_no_finished_unit(
 
 
 def test_row_units_two_workers_and_merge_equal_one(tiny_lm_dir: Path, tiny_texts: list[str], tmp_path: Path,
-                                                   same_content: Any, torch_one_thread: None) -> None:
+                                                   same_content: Any, monkeypatch: pytest.MonkeyPatch,
+                                                   torch_one_thread: None) -> None:
     import csv
 
     from cache_format import merge_caches, open_cache
@@ -228,10 +229,15 @@ def test_row_units_two_workers_and_merge_equal_one(tiny_lm_dir: Path, tiny_texts
             "device": "cpu", "progress": False}
     run_dump(DumpConfig(**base, out=str(tmp_path / "one")))
     parts = []
+    reads: list[int] = []
+    read_unit = sources.CsvSource.read_unit
+    monkeypatch.setattr(sources.CsvSource, "read_unit", lambda self, u: (reads.append(u), read_unit(self, u))[1])
     for i in range(2):
         parts.append(str(tmp_path / f"p{i}"))
+        reads.clear()
         s = run_dump(DumpConfig(**base, out=parts[-1], num_workers=2, worker_index=i))
         assert s["units_total"] == 8 and s["units_mine"] == 4
+        assert sorted(reads) == [i, i + 2, i + 4, i + 6]  # a worker reads its own units only, each once
     merge_caches(str(tmp_path / "merged"), parts)
     same_content(tmp_path / "one", tmp_path / "merged")
     units = open_cache(str(tmp_path / "one")).manifest.identity.recipe["units"]
