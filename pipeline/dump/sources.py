@@ -264,7 +264,7 @@ def _limit_end(path: Path, kind: LineFormat, limit: int) -> tuple[int, int]:
     with open_binary(path) as fh:
         for line in fh:
             pos += len(line)
-            rows += kind == "text" or bool(line.strip())
+            rows += kind == "text" or bool(line.decode("utf-8", "replace").strip())  # as the units decide
             if rows >= limit:
                 break
     return pos, rows
