@@ -133,13 +133,13 @@ def _cache_bytes(cfg: Any, tok: Any, info: Any, ds: Any, rcfg: Any, rows: list[A
 def _measure(model: Any, teacher: Path, data: Path, limit: int, bos: str, stride: int, args: argparse.Namespace,
              work: Path) -> dict[str, Any]:
     from pipeline.dump.lm import parse_lm_sample_id
-    from pipeline.dump.run import DumpConfig, _setup_examples, _setup_model_info, _setup_tokenizer
+    from pipeline.dump.run import DumpConfig, _setup_model_info, _setup_tokenizer, whole_dataset_examples
 
     cfg = DumpConfig(teacher=str(teacher), dataset=str(data), out=str(work / f"{bos}-{stride}"), task="lm",
                      max_length=args.max_length, stride=stride, bos=bos, limit=limit, top_k=args.top_k,
                      unit_rows=1 << 20, device="cpu", progress=False)
     tok, info = _setup_tokenizer(cfg), _setup_model_info(cfg)
-    ds, recipe, rcfg = _setup_examples(cfg, tok, info, cfg.max_length)
+    ds, recipe, rcfg = whole_dataset_examples(cfg, tok, info, cfg.max_length)
     rows = recipe.examples
     nll, ids, lps, ms_per_tok = _forward(model, rows, args.batch_size, args.top_k)
     starts = _doc_starts(ds, tok)

@@ -89,17 +89,20 @@ class _Bench:
     """Engines, windows and one closure per path; each closure returns (wall_s, dump summary or None)."""
 
     def __init__(self, args: argparse.Namespace, teacher: Path, data: Path, work: Path) -> None:
-        from pipeline.dump.run import DumpConfig, _setup_examples, _setup_model_info, _setup_tokenizer
+        from pipeline.dump.run import DumpConfig, _setup_model_info, _setup_tokenizer, whole_dataset_examples
 
         self.args, self.work = args, work
         tok = _setup_tokenizer(DumpConfig(teacher=str(teacher), dataset=str(data), out=str(work / "x")))
         limit = _lines_for_rows(data, args.rows, args.max_length, tok)
+        # A text file's units are byte ranges: split the used bytes as --unit-rows splits the windows (about).
+        used = sum(len(ln) for ln in data.read_bytes().split(b"\n", limit)[:limit]) + limit
+        n_units = max(1, -(-args.rows // args.unit_rows))
         self.base = {"teacher": str(teacher), "dataset": str(data), "task": "lm", "top_k": args.top_k,
                      "num_draws": args.num_draws, "max_length": args.max_length, "batch_size": args.batch_size,
-                     "unit_rows": args.unit_rows, "limit": limit, "overwrite": True, "progress": False,
+                     "unit_rows": args.unit_rows, "unit_bytes": -(-used // n_units), "limit": limit, "overwrite": True, "progress": False,
                      "max_logprobs": args.top_k, "device": "auto"}
         cfg = DumpConfig(**self.base, out=str(work / "x"))
-        _, recipe, _ = _setup_examples(cfg, tok, _setup_model_info(cfg), args.max_length)
+        _, recipe, _ = whole_dataset_examples(cfg, tok, _setup_model_info(cfg), args.max_length)
         self.examples = recipe.examples  # the windows every dump of ``limit`` lines makes
         self.tokens = sum(len(e.input_ids) for e in self.examples)
         self.tok = tok

@@ -44,18 +44,19 @@ _SHOW_MISSING = 8
 
 
 def finalize_cache(url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None, *,
-                   verify: bool = False) -> dict[str, Any]:
+                   verify: bool = False, allow_missing: bool = False) -> dict[str, Any]:
     """Write the manifest of the unfinished cache at ``url`` once every unit is present; returns the manifest.
 
     Units expected: ``0 .. identity.recipe["units"]["count"] - 1`` when the identity states a count
     (kdpipe dump-teacher does), else the units present. ``verify``: also check each shard's sha256
     (reads every byte; the sizes are always checked). Raises :class:`MissingUnitsError` naming the
-    missing units and the workers that own them.
+    missing units and the workers that own them. ``allow_missing``: the units present are the cache
+    (one worker's own cache, to be merged with the others' by :func:`cache_format.merge_caches`).
     """
-    return finalize_target(open_target(url, storage_options), verify=verify)
+    return finalize_target(open_target(url, storage_options), verify=verify, allow_missing=allow_missing)
 
 
-def finalize_target(target: WriteTarget, *, verify: bool = False) -> dict[str, Any]:
+def finalize_target(target: WriteTarget, *, verify: bool = False, allow_missing: bool = False) -> dict[str, Any]:
     entries = target.list_files()
     if MANIFEST_NAME in entries:
         return _finished(target, entries)
@@ -66,7 +67,8 @@ def finalize_target(target: WriteTarget, *, verify: bool = False) -> dict[str, A
     done = read_done_units(target, entries)
     if verify:
         _check_sha256(target, done)
-    _check_all_units(target, marker.identity, done)
+    if not allow_missing:
+        _check_all_units(target, marker.identity, done)
     keep = {s.name for rec in done.values() for s in rec.shards}
     for name in sorted(entries):  # leftovers: no worker is mid-unit once every unit is complete
         if (TEMP_NAME_RE.fullmatch(name) or name.startswith(TMP_PREFIX)

@@ -142,11 +142,15 @@ def finalize(url: Annotated[str, typer.Argument(help="Unfinished cache written b
              verify_sha256: Annotated[bool, typer.Option("--verify", help="Also check every shard's sha256 (reads "
                                                                           "every byte; sizes are always checked).")]
              = False,
+             partial: Annotated[bool, typer.Option("--partial", help="Finalize with the units present: one worker's "
+                                                   "own cache (its own --out), to `kdpipe cache merge` with the "
+                                                   "others'.")] = False,
              endpoint_url: EndpointOpt = None, storage_option: StorageOpt = None) -> None:
     """Write the manifest once every unit is there (what the last dump worker does); exit 2 naming missing units."""
     from cache_format.finalize import finalize_cache
 
-    m = finalize_cache(url, _storage_options(endpoint_url, False, storage_option), verify=verify_sha256)
+    m = finalize_cache(url, _storage_options(endpoint_url, False, storage_option), verify=verify_sha256,
+                       allow_missing=partial)
     typer.echo(f"finalized {url}: {len(m['units'])} units, {m['totals']['shards']} shards, {m['totals']['rows']} rows")
 
 

@@ -133,8 +133,16 @@ class DumpConfig(StrictModel):
     worker_index: int | None = Field(None, ge=0, description="This worker, 0-based; default: $RANK (torchrun), "
                                      "else $SLURM_ARRAY_TASK_ID - $SLURM_ARRAY_TASK_MIN, else $SLURM_PROCID, "
                                      "else 0.")
-    unit_rows: int = Field(256, ge=1, description="Rows per work unit (resume granule); 256 is ~1 min of CPU "
-                                                  "work, so a crash loses little.")
+    unit_rows: int = Field(256, ge=1, description="Source rows per work unit (resume granule) of row sources: "
+                                                  "Parquet, CSV, datasets folders, hub datasets; 256 is ~1 min of "
+                                                  "CPU work, so a crash loses little.")
+    # 512 KiB of English text is ~130k tokens: a few seconds of a GPU teacher, so memory stays a few
+    # units and a crash redoes little, yet long enough that packing's restart at a unit boundary
+    # (one short window, a few hundred targets with less context) costs under 1%.
+    unit_bytes: int = Field(512 * 1024, ge=1, description="Bytes per work unit of line files (.txt, JSON lines, "
+                                                          "SST-2): a unit holds the lines starting in its byte "
+                                                          "range; 512 KiB is ~130k tokens, a few seconds of a GPU "
+                                                          "teacher.")
     overwrite: bool = Field(False, json_schema_extra=cli_flags("--overwrite"),
                             description="Replace a cache already in --out; off: never delete a cache unless asked.")
     max_shard_rows: int | None = Field(None, ge=1, description="Rows per shard at most; default: the writer's.")

@@ -48,7 +48,8 @@ _EXT_FORMAT: dict[str, DatasetFormat] = {
 _SST2_LINE = re.compile(r"^\s*(-?\d+)\s+(\S.*?)\s*$")
 # How each format becomes rows, recorded in the identity so a row number leads back to the source.
 ROW_RULES: dict[str, str] = {
-    "text": "one row per line of the UTF-8 file (str.splitlines()), blank lines kept, field 'text'",
+    "text": "one row per line of the UTF-8 file (lines end at '\\n', a '\\r' before it dropped), blank lines kept, "
+            "field 'text'",
     "sst2": "one row per non-blank line '<label> <sentence>', fields 'label' and 'sentence'",
     "json": "one row per JSON object (JSON lines or a JSON array), nested fields flattened to dotted names",
     "parquet": "one row per Parquet row, nested fields flattened to dotted names",
@@ -69,6 +70,18 @@ class LoadedDataset:
     split: str | None
     fingerprint: str
     format: str | None = None  # a ROW_RULES key
+    # What names each row in sample ids and provenance: the row index of a whole dataset (the default),
+    # or, for one dump unit (pipeline.dump.sources), the source's row key (byte offset or row index).
+    row_keys: list[int] | None = None
+    row_key_name: str = "row"  # how error messages name a row: "row 3", "line at byte 1024"
+
+    @property
+    def keys(self) -> list[int] | range:
+        return self.row_keys if self.row_keys is not None else range(self.num_rows)
+
+    def row_label(self, i: int) -> str:
+        """Row ``i`` (0-based in these columns) as error messages name it."""
+        return f"{self.row_key_name} {self.keys[i]}"
 
     @property
     def field_names(self) -> list[str]:
@@ -152,16 +165,24 @@ def _detect_format(path: Path, fmt: DatasetFormat) -> DatasetFormat:
     )
 
 
+def _lines(path: Path) -> list[str]:
+    """Lines as the dump's byte units cut them (pipeline.dump.sources): at '\\n' only, a '\\r' before it dropped."""
+    lines = path.read_text(encoding="utf-8").split("\n")
+    if lines[-1] == "":
+        lines.pop()  # the file ends with a newline (or is empty): no row after it
+    return [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
+
+
 def _read_text(path: Path) -> dict[str, list[Any]]:
     # One text per line, as in wikitext's .txt files; empty lines are kept (recipes skip them)
     # so row numbers match line numbers.
-    return {"text": path.read_text(encoding="utf-8").splitlines()}
+    return {"text": _lines(path)}
 
 
 def _read_sst2(path: Path) -> dict[str, list[Any]]:
     labels: list[int] = []
     sentences: list[str] = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for lineno, line in enumerate(_lines(path), start=1):
         if not line.strip():
             continue
         m = _SST2_LINE.match(line)
@@ -257,13 +278,18 @@ def _load_local(path: Path, split: str, fmt: DatasetFormat, limit: int | None) -
     )
 
 
-def _load_saved_dataset(path: Path, limit: int | None) -> LoadedDataset:
+def saved_dataset(path: Path) -> Any:
+    """The ``datasets.Dataset`` of a ``save_to_disk`` folder (memory-mapped Arrow, nothing read yet)."""
     import datasets
 
     ds = datasets.load_from_disk(str(path))
     if isinstance(ds, datasets.DatasetDict):
         raise DatasetError(f"dataset folder {path} holds several splits; point --dataset at one split's folder")
-    return _from_hf(ds, str(path), str(path), None, None, limit)
+    return ds
+
+
+def _load_saved_dataset(path: Path, limit: int | None) -> LoadedDataset:
+    return _from_hf(saved_dataset(path), str(path), str(path), None, None, limit)
 
 
 def _from_hf(ds: Any, source: str, name: str, config: str | None, split: str | None, limit: int | None) -> LoadedDataset:
@@ -284,6 +310,12 @@ def _from_hf(ds: Any, source: str, name: str, config: str | None, split: str | N
 
 
 def _load_hub(name: str, config: str | None, split: str, limit: int | None) -> LoadedDataset:
+    ds, source = hub_dataset(name, config, split)
+    return _from_hf(ds, source, name, config, split, limit)
+
+
+def hub_dataset(name: str, config: str | None, split: str) -> tuple[Any, str]:
+    """(``datasets.Dataset``, its name for messages) of a hub dataset, loaded non-streaming (Arrow on disk)."""
     import datasets
 
     source = f"'{name}'" + (f" (config {config})" if config else "") + f" split {split}"
@@ -301,7 +333,7 @@ def _load_hub(name: str, config: str | None, split: str, limit: int | None) -> L
             f"dataset {source} cannot be loaded ({type(exc).__name__}: {first_line(exc)}); check the name, "
             "--dataset-config and --split, or pass a local file"
         ) from None
-    return _from_hf(ds, source, name, config, split, limit)
+    return ds, source
 
 
 def load_dataset_rows(

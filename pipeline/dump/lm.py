@@ -8,6 +8,13 @@ may hold the end of one document and the start of the next: attention crosses th
 the EOS between them tells the teacher a new document starts. ``--no-pack`` makes each
 document a stream of its own (no row mixes documents).
 
+**Units.** A dump reads, tokenizes and packs its dataset one work unit at a time
+(:mod:`pipeline.dump.sources`), so packing restarts at every unit boundary: each unit's
+documents form their own stream, and its first window has only the unit's own context (no
+tokens of the unit before). The cost: one short first window per unit and, for the first
+``max_length - stride`` targets of each unit, less context than an unbroken stream would give
+(with 512 KiB units, ~130k tokens, that is under 1% of targets at ``max_length`` 2048).
+
 **BOS.** With a BOS in use (:func:`resolve_bos`), every row is ``[BOS] + stream[a:b]``: the
 BOS is a context slot, never a target, and documents inside the stream carry no BOS of their
 own (a row never starts with two). Without one the row is ``stream[a:b]``, and its first token
@@ -22,8 +29,11 @@ after the first window sees at least ``max_length - stride`` tokens of context (
 Each stream token is a target exactly once, except the stream's first token without BOS.
 
 **Provenance.** A row's ``sample_id`` is ``doc<D>:tok<T>@doc<D0>:tok<T0>``: its first target is
-token ``T`` of dataset row ``D`` and its first stream token (after BOS) token ``T0`` of row ``D0``;
-offsets count the document's tokens as tokenized above, EOS included (0-based).
+token ``T`` of document ``D`` and its first stream token (after BOS) token ``T0`` of document ``D0``;
+offsets count the document's tokens as tokenized above, EOS included (0-based). ``D`` is the
+document's row key: in a dump, the byte offset of its line in a text / JSON-lines file, or the row
+index in row-unit sources (Parquet, CSV, ``datasets``); for a whole in-memory dataset (eval), the
+row index.
 :func:`parse_lm_sample_id` reads it back.
 """
 
@@ -181,7 +191,7 @@ def lm_rows(
 class LmRowSource:
     """Where an LM row's tokens came from (:func:`parse_lm_sample_id`)."""
 
-    doc: int  # dataset row of the first target
+    doc: int  # row key (byte offset or row index) of the first target's document
     tok: int  # its token offset in that document
     first_doc: int  # dataset row of the row's first stream token (after BOS)
     first_tok: int
@@ -209,4 +219,5 @@ def lm_recipe_facts(tokenizer: Any, *, bos_id: int | None, stride: int, pack: bo
         "stride": stride,
         "attention_across_documents": pack,
         "sample_id": LM_SAMPLE_ID_GRAMMAR,
+        "stream": "one packed stream per work unit (recipe.units); packing restarts at each unit boundary",
     }

@@ -5,20 +5,26 @@ Flow (each step a ``_setup_*`` function, then one loop):
 1. the output folder: create, ``--overwrite``, or resume an earlier run of the same settings;
 2. tokenizer and the teacher's config (cheap: k, vocabulary and context are checked before the
    model loads);
-3. dataset -> recipe -> examples, in dataset order (``sample_id`` = the row index, or an LM
-   window's provenance ``doc<D>:tok<T>@doc<D0>:tok<T0>``);
+3. dataset -> work units (:mod:`pipeline.dump.sources`; nothing is parsed yet) -> a unit plan
+   whose ``rows_of(u)`` reads, tokenizes and packs unit ``u`` on demand (``sample_id`` = the row's
+   source key, or an LM window's provenance ``doc<D>:tok<T>@doc<D0>:tok<T0>``); the first unit
+   with rows is built now, so a wrong field fails in seconds, before the teacher loads;
 4. the cache identity; a resume into a cache with other settings is refused naming the setting;
 5. the teacher backend; then the work loop.
 
-Work units: examples are cut into units of ``unit_rows`` consecutive rows; unit ``j`` belongs to
-worker ``j % num_workers`` (``--worker-index``/``--num-workers``, by default from torchrun's
-``RANK``/``WORLD_SIZE`` or SLURM's variables, :func:`pipeline.dump.config.resolve_workers`). A unit is
-the resume granule (the writer commits it with a marker in ``end_unit``) and the batching scope (rows
-are sorted by length *inside* a unit, so a unit's numbers do not depend on which worker runs it).
-All workers write into the one ``--out`` (a folder or an object-store URL); each finalizes the cache
-when it finds every unit there, so the last one to finish does, and N workers equal one worker.
+Work units: the source is cut into units of ``unit_bytes`` bytes (line files) or ``unit_rows``
+source rows (:mod:`pipeline.dump.sources`); unit ``j`` belongs to worker ``j % num_workers``
+(``--worker-index``/``--num-workers``, by default from torchrun's ``RANK``/``WORLD_SIZE`` or SLURM's
+variables, :func:`pipeline.dump.config.resolve_workers`), which reads only its own units' slices of
+the source (memory: a few units, whatever the corpus size). A unit is the resume granule (the
+writer commits it with a marker in ``end_unit``) and the batching scope (rows are sorted by length
+*inside* a unit, so a unit's numbers do not depend on which worker runs it). All workers write into
+the one ``--out`` (a folder or an object-store URL); each finalizes the cache when it finds every
+unit there, so the last one to finish does, and N workers equal one worker.
 Encoding and writing run on the writer's background thread while the next unit's forward pass
-runs, so the teacher never waits for compression or the disk. With ``--engine ray`` the units are
+runs, so the teacher never waits for compression or the disk; the next unit is read and tokenized
+on a thread of its own meanwhile (:func:`_prefetched`: ~0.3 s of CPU per 512 KiB unit, ~10% of a
+small GPU teacher's time on that unit, otherwise on the critical path). With ``--engine ray`` the units are
 computed by a pool of Ray actors (:mod:`pipeline.dump.ray_engine`) and written here as they finish.
 
 The resolved config goes into the manifest's ``identity.run`` and, re-loadable with ``--config``,
@@ -32,8 +38,9 @@ import json
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -216,17 +223,98 @@ def _check_against_model(cfg: DumpConfig, info: _ModelInfo, tok: Any) -> int:
     return cfg.max_length
 
 
-def _setup_examples(cfg: DumpConfig, tok: Any, info: _ModelInfo, max_length: int) -> tuple[Any, RecipeResult, RecipeConfig]:
-    from pipeline.dump.datasets import load_dataset_rows
+# Recipe counts a unit contributes to the summary.
+_COUNT_KEYS = ("truncated", "split_documents", "skipped")
 
-    ds = load_dataset_rows(cfg.dataset, config=cfg.dataset_config, split=cfg.split, limit=cfg.limit,
-                           fmt=cfg.dataset_format)
-    rcfg = RecipeConfig(
+
+def _recipe_config(cfg: DumpConfig, max_length: int) -> RecipeConfig:
+    return RecipeConfig(
         task=cfg.task, max_length=max_length, text_field=cfg.text_field, label_field=cfg.label_field,
         response_field=cfg.response_field, fallback_field=cfg.fallback_field, template=cfg.template,
         chat_template=cfg.chat_template, pack=cfg.pack, teacher_generates=cfg.teacher_generates, bos=cfg.bos,
         stride=cfg.stride,
     )
+
+
+@dataclass
+class UnitPlan:
+    """The dataset as work units: :meth:`rows_of` reads, tokenizes and packs one unit on demand."""
+
+    source: Any  # pipeline.dump.sources.Source
+    rcfg: RecipeConfig  # as given: build_examples checks and resolves it
+    tok: Any
+    label2id: dict[str, int] | None
+    fields: list[str] = field(default_factory=list)  # columns of the first unit with rows
+    stats: dict[int, dict[str, int]] = field(default_factory=dict)  # recipe counts per unit built, until taken
+    kept: dict[int, list[Example]] = field(default_factory=dict)  # the probed unit's rows, handed out once
+
+    @property
+    def num_units(self) -> int:
+        return int(self.source.num_units)
+
+    def _build(self, u: int) -> list[Example] | None:
+        """Unit ``u``'s rows; None when its slice of the source holds no row at all."""
+        ds = self.source.read_unit(u)
+        if ds.num_rows == 0:
+            self.stats[u] = {}
+            return None
+        # A JSON-lines unit whose records all lack an optional field has no such column: None, as when
+        # the whole file was one table.
+        for name in self.fields:
+            ds.columns.setdefault(name, [None] * ds.num_rows)
+        if not self.fields:
+            self.fields = list(ds.columns)
+        result = build_examples(ds, self.tok, self.rcfg, self.label2id, allow_empty=True)
+        self.stats[u] = {k: int(result.stats.get(k, 0)) for k in _COUNT_KEYS}
+        return result.examples
+
+    def rows_of(self, u: int) -> list[Example]:
+        if u in self.kept:
+            return self.kept.pop(u)
+        return self._build(u) or []
+
+    def probe(self, mine: list[int]) -> None:
+        """Build this worker's first unit with rows now, so a missing field or a bad line fails before the
+        teacher loads (its rows are kept for the loop); refuse a dataset that gives no row to distill.
+
+        Only when none of ``mine`` has a row are the other units read, to tell an idle worker from an
+        empty dataset."""
+        others = sorted(set(range(self.num_units)) - set(mine))
+        for u in [*mine, *others]:
+            rows = self._build(u)
+            if rows:
+                if u in mine:
+                    self.kept[u] = rows
+                return
+        raise DatasetError(f"dataset {self.source.source} gave no rows to distill; check --text-field and --limit")
+
+    def take_stats(self, u: int, counts: dict[str, int]) -> None:
+        for k, v in self.stats.pop(u, {}).items():
+            counts[k] = counts.get(k, 0) + v
+
+
+def _setup_examples(cfg: DumpConfig, tok: Any, info: _ModelInfo, max_length: int) -> tuple[Any, UnitPlan, RecipeConfig]:
+    """(source, unit plan, resolved recipe): units are known, only the first unit with rows is read."""
+    from pipeline.dump.sources import open_source
+
+    src = open_source(cfg.dataset, config=cfg.dataset_config, split=cfg.split, limit=cfg.limit,
+                      fmt=cfg.dataset_format, unit_bytes=cfg.unit_bytes, unit_rows=cfg.unit_rows)
+    rcfg = _recipe_config(cfg, max_length)
+    label2id = {v: k for k, v in info.id2label.items()} if info.id2label else None
+    plan = UnitPlan(src, rcfg, tok, label2id)
+    plan.probe(my_units(plan.num_units, cfg.num_workers, cfg.worker_index))
+    return src, plan, rcfg.resolved()
+
+
+def whole_dataset_examples(cfg: DumpConfig, tok: Any, info: _ModelInfo,
+                           max_length: int) -> tuple[Any, RecipeResult, RecipeConfig]:
+    """The whole dataset loaded and built as ONE stream with row-index sample ids (benchmarks, as eval does);
+    the dump itself never does this (see :class:`UnitPlan`)."""
+    from pipeline.dump.datasets import load_dataset_rows
+
+    ds = load_dataset_rows(cfg.dataset, config=cfg.dataset_config, split=cfg.split, limit=cfg.limit,
+                           fmt=cfg.dataset_format)
+    rcfg = _recipe_config(cfg, max_length)
     label2id = {v: k for k, v in info.id2label.items()} if info.id2label else None
     result = build_examples(ds, tok, rcfg, label2id)
     if not result.examples:
@@ -277,17 +365,17 @@ def _teacher_identity(cfg: DumpConfig, info: _ModelInfo) -> dict[str, Any]:
     }
 
 
-def _setup_identity(cfg: DumpConfig, tok: Any, info: _ModelInfo, ds: Any, rcfg: RecipeConfig, max_length: int,
-                    n_units: int) -> Any:
+def _setup_identity(cfg: DumpConfig, tok: Any, info: _ModelInfo, ds: Any, rcfg: RecipeConfig, max_length: int) -> Any:
     from cache_format.identity import tokenizer_fingerprint
 
     recipe = rcfg.identity(tok)
     recipe["max_length"] = max_length
-    # Units fix which rows form a shard and which worker does what: resuming or merging with
-    # other values would mix two layouts, so they are compared like the recipe.
-    # The count lets a finalize (the last worker, or `kdpipe cache finalize`) tell a complete cache; how
-    # many workers share the units is not part of the identity: any split writes the same units.
-    recipe["units"] = {"unit_rows": cfg.unit_rows, "count": n_units}
+    # Units fix which rows form a shard (and, for LM, where packing restarts): resuming or merging with
+    # other values would mix two layouts, so they are compared like the recipe. The worker count is not
+    # part of it: a 4-worker dump and an 8-worker resume of it hold the same rows.
+    units = getattr(ds, "units_identity", None)
+    recipe["units"] = units() if units is not None else {"rule": "rows", "unit_rows": cfg.unit_rows, "count": 1,
+                                                         "row_key": "row index"}
     if cfg.task != "classification":
         recipe["max_new_tokens"] = cfg.max_new_tokens if cfg.teacher_generates else None
         recipe["seed"] = cfg.seed if cfg.encoding == "sampled" else None
@@ -303,22 +391,6 @@ def _setup_identity(cfg: DumpConfig, tok: Any, info: _ModelInfo, ds: Any, rcfg: 
         encoding=_encoding(cfg, info),
         run=run,
     )
-
-
-def _legacy_units(identity: CacheIdentity, previous: CacheIdentity | None) -> CacheIdentity:
-    """Resuming a cache of the version before ``units.count`` (``{"unit_rows", "num_workers"}``): keep its record.
-
-    Its units are the same row slices, so it resumes as it was; without a count, finalize accepts the
-    units present (as that version's per-worker caches, later merged, need).
-    """
-    import dataclasses
-
-    old = (previous.recipe if previous is not None else {}).get("units")
-    new = identity.recipe.get("units")
-    if (isinstance(old, dict) and isinstance(new, dict) and set(old) == {"unit_rows", "num_workers"}
-            and old["unit_rows"] == new.get("unit_rows")):
-        return dataclasses.replace(identity, recipe={**identity.recipe, "units": old})
-    return identity
 
 
 def _check_resume(cfg: DumpConfig, out: _Output, identity: Any) -> None:
@@ -366,42 +438,53 @@ def _setup_backend(cfg: DumpConfig, tok: Any, max_length: int) -> Any:
 # ----------------------------------------------------------------------------- the work loop
 
 
+def _prefetched(todo: list[int], rows_of: Any) -> Iterator[tuple[int, list[Example]]]:
+    """(unit, rows) of ``todo`` in order; the next unit is read and tokenized on a thread while the
+    teacher runs this one (fast tokenizers release the GIL), so at most two units are in memory."""
+    if not todo:
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="kdpipe-units") as pool:
+        nxt = pool.submit(rows_of, todo[0])
+        for i, u in enumerate(todo):
+            rows = nxt.result()
+            if i + 1 < len(todo):
+                nxt = pool.submit(rows_of, todo[i + 1])
+            yield u, rows
+
+
 def _unit_batches(cfg: DumpConfig, backend: Any, todo: list[int], rows_of: Any, tok: Any, max_length: int,
                   counts: dict[str, int]) -> Iterator[tuple[int, Any, int]]:
     """(unit, batches, tokens) of every unit in ``todo``: in order here, as they finish with ``--engine ray``."""
     if cfg.engine == "ray":
         yield from backend.unit_batches(todo, rows_of, counts)
         return
-    for u in todo:
-        yield u, *compute_unit(backend, rows_of(u), cfg, tok, max_length, counts, u)
+    # The teacher writing its own answers tokenizes them on this thread: no second thread on the tokenizer.
+    pairs = ((u, rows_of(u)) for u in todo) if cfg.teacher_generates else _prefetched(todo, rows_of)
+    for u, rows in pairs:
+        yield u, *compute_unit(backend, rows, cfg, tok, max_length, counts, u)
 
 
 def _progress(cfg: DumpConfig, total: int, initial: int) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, unit="tok", unit_scale=True, desc="dump-teacher",
+    # Units, not tokens: the token count of a unit is known only once it is read.
+    return tqdm(total=total, initial=initial, unit="unit", desc="dump-teacher",
                 file=sys.stderr, disable=not cfg.progress, smoothing=0.1)
 
 
-def _run_units(cfg: DumpConfig, backend: Any, sinks: list[Sink], examples: list[Example], tok: Any,
+def _run_units(cfg: DumpConfig, backend: Any, sinks: list[Sink], plan: UnitPlan, tok: Any,
                max_length: int, counts: dict[str, int]) -> dict[str, Any]:
-    slices = unit_slices(len(examples), cfg.unit_rows)
-    mine = my_units(len(slices), cfg.num_workers, cfg.worker_index)
+    mine = my_units(plan.num_units, cfg.num_workers, cfg.worker_index)
     # A unit runs when any cache lacks it (a crash may fall between two caches' end_unit), and
     # its batches go only to the caches that lack it.
     todo = [u for u in mine if any(u not in s.done for s in sinks)]
-
-    def unit_tokens(u: int) -> int:
-        s, e = slices[u]
-        return int(sum(len(ex.input_ids) for ex in examples[s:e]))
-
-    done_tokens = sum(unit_tokens(u) for u in mine if u not in todo)
-    bar = _progress(cfg, done_tokens + sum(unit_tokens(u) for u in todo), done_tokens)
+    plan.kept = {u: r for u, r in plan.kept.items() if u in todo}  # the probed unit, if this run needs it
+    bar = _progress(cfg, len(mine), len(mine) - len(todo))
     tokens = 0
     handoff_s = 0.0  # caller-side time in writer.write/end_unit: batch checks + queueing (incl. blocked)
     try:
-        for u, batches, n_tokens in _unit_batches(cfg, backend, todo, lambda u: examples[slice(*slices[u])], tok,
-                                                  max_length, counts):
+        for u, batches, n_tokens in _unit_batches(cfg, backend, todo, plan.rows_of, tok, max_length, counts):
+            plan.take_stats(u, counts)
             t0 = time.perf_counter()
             for sk, batch in zip(sinks, batches or [None] * len(sinks), strict=True):
                 if u in sk.done:  # this cache has the unit already (its twin did not)
@@ -411,10 +494,10 @@ def _run_units(cfg: DumpConfig, backend: Any, sinks: list[Sink], examples: list[
                 sk.writer.end_unit(u)
             handoff_s += time.perf_counter() - t0
             tokens += n_tokens
-            bar.update(unit_tokens(u))
+            bar.update(1)
     finally:
         bar.close()
-    return {"units_total": len(slices), "units_mine": len(mine), "units_resumed": len(mine) - len(todo),
+    return {"units_total": plan.num_units, "units_mine": len(mine), "units_resumed": len(mine) - len(todo),
             "units_done": len(todo), "tokens_this_run": tokens, "handoff_s": handoff_s}
 
 
@@ -486,12 +569,10 @@ def run_dump(cfg: DumpConfig, backend: Any = None) -> dict[str, Any]:
     info = _setup_model_info(cfg)
     tok = _setup_tokenizer(cfg)
     max_length = _check_against_model(cfg, info, tok)
-    ds, recipe, rcfg = _setup_examples(cfg, tok, info, max_length)
-    n_units = len(unit_slices(len(recipe.examples), cfg.unit_rows))
-    sinks = [Sink(c, out, _setup_identity(c, tok, info, ds, rcfg, max_length, n_units), flag)
+    ds, plan, rcfg = _setup_examples(cfg, tok, info, max_length)
+    sinks = [Sink(c, out, _setup_identity(c, tok, info, ds, rcfg, max_length), flag)
              for (c, flag), out in zip(configs, outs, strict=True)]
     for sk in sinks:
-        sk.identity = _legacy_units(sk.identity, sk.out.previous)
         _check_resume(sk.cfg, sk.out, sk.identity)
     own_backend = backend is None
     if own_backend:
@@ -501,9 +582,7 @@ def run_dump(cfg: DumpConfig, backend: Any = None) -> dict[str, Any]:
     else:
         check_given_backend(cfg, backend)
     backend.timing = type(backend.timing)()  # this dump's time only
-    counts = {"truncated": int(recipe.stats.get("truncated", 0)),
-              "split_documents": int(recipe.stats.get("split_documents", 0)),
-              "skipped": int(recipe.stats.get("skipped", 0))}
+    counts = dict.fromkeys(_COUNT_KEYS, 0)  # this run's units only; each adds its recipe counts when done
     writer_kwargs = {k: v for k, v in (("max_shard_rows", cfg.max_shard_rows),
                                         ("max_shard_bytes", cfg.max_shard_bytes)) if v is not None}
     setup_s = time.perf_counter() - t_start
@@ -516,7 +595,7 @@ def run_dump(cfg: DumpConfig, backend: Any = None) -> dict[str, Any]:
                                                             **writer_kwargs))
                 sk.done = frozenset(sk.writer.completed_units)
                 _save_config(sk.cfg, sk.out)
-            loop = _run_units(cfg, backend, sinks, recipe.examples, tok, max_length, counts)
+            loop = _run_units(cfg, backend, sinks, plan, tok, max_length, counts)
             t_fin = time.perf_counter()
             # The commit waits for the last unit's encode+write: the only part not overlapped.
             finished = [_finish(sk) for sk in sinks]

@@ -25,7 +25,9 @@ Position convention (docs/ARCHITECTURE.md): position ``t`` holds the distributio
 
 BOS outside ``lm`` (``bos``): ``auto`` keeps the tokenizer's or template's own leading BOS,
 ``always`` adds one where they gave none, ``never`` removes it; a row never starts with two.
-Rows of these tasks keep their dataset row index as ``sample_id``.
+Rows of these tasks keep their dataset row key as ``sample_id``: the row index, or in a dump the source's
+row key of its unit (the byte offset of the row's line in a text/JSON-lines/SST-2 file; see
+:mod:`pipeline.dump.sources`).
 """
 
 from __future__ import annotations
@@ -138,7 +140,8 @@ class RecipeConfig:
 class Example:
     """One cache row before the teacher runs.
 
-    ``sample_id``: the dataset row index, or (``lm``) the window's provenance string;
+    ``sample_id``: the row's key (``LoadedDataset.keys``: its index, or in a dump its source key, a byte
+    offset or row index), or (``lm``) the window's provenance string;
     ``input_ids``: int32 [T]; ``positions``: int32 [n_pos], strictly increasing, < T;
     ``prompt_len``: tokens before the response (summarization/reasoning), used to rebuild the
     row when the teacher generates its own response.
@@ -180,7 +183,7 @@ def _with_bos(tokenizer: Any, rows: list[list[int]], policy: str) -> list[list[i
     return [normalize_bos(list(r), tokenizer.bos_token_id, policy) for r in rows]
 
 
-def _as_text(values: list[Any], field_name: str, flag: str, source: str) -> list[str]:
+def _as_text(values: list[Any], field_name: str, flag: str, ds: LoadedDataset) -> list[str]:
     out = []
     for i, v in enumerate(values):
         if v is None:
@@ -189,29 +192,32 @@ def _as_text(values: list[Any], field_name: str, flag: str, source: str) -> list
             out.append(v)
         else:
             raise DatasetError(
-                f"dataset {source} row {i} field '{field_name}' ({flag}) is {type(v).__name__}, not text; "
+                f"dataset {ds.source} {ds.row_label(i)} field '{field_name}' ({flag}) is {type(v).__name__}, not text; "
                 f"pick a text field with {flag}"
             )
     return out
 
 
-def build_lm(ds: LoadedDataset, tokenizer: Any, cfg: RecipeConfig) -> RecipeResult:
+def build_lm(ds: LoadedDataset, tokenizer: Any, cfg: RecipeConfig, allow_empty: bool = False) -> RecipeResult:
     """Overlapping windows of ``max_length`` tokens over the documents (:mod:`pipeline.dump.lm`)."""
     field_name = cfg.text_field or "text"
-    texts = _as_text(ds.column(field_name, "--text-field"), field_name, "--text-field", ds.source)
+    texts = _as_text(ds.column(field_name, "--text-field"), field_name, "--text-field", ds)
     rows = [i for i, t in enumerate(texts) if t.strip()]
+    if not rows and allow_empty:
+        return RecipeResult([], {"documents": 0, "split_documents": 0, "truncated": 0})
     if not rows:
         raise DatasetError(f"dataset {ds.source} field '{field_name}' (--text-field) holds only empty texts")
     eos = tokenizer.eos_token_id
     token_docs = [np.asarray([*ids, eos] if eos is not None else ids, dtype=np.int32)
                   for ids in _token_lists(tokenizer, [texts[i] for i in rows], special=False)]
-    windows, split_docs = lm_rows(token_docs, rows, max_length=cfg.max_length, stride=cfg.stride,
+    keys = ds.keys
+    windows, split_docs = lm_rows(token_docs, [keys[i] for i in rows], max_length=cfg.max_length, stride=cfg.stride,
                                   bos_id=resolve_bos(tokenizer, cfg.bos), pack=cfg.pack)
     examples = [Example(sample_id=w.sample_id, input_ids=w.input_ids, positions=w.positions) for w in windows]
     return RecipeResult(examples, {"documents": len(rows), "split_documents": split_docs, "truncated": 0})
 
 
-def _label_ids(values: list[Any], label2id: dict[str, int] | None, source: str, field_name: str) -> list[int | None]:
+def _label_ids(values: list[Any], label2id: dict[str, int] | None, ds: LoadedDataset, field_name: str) -> list[int | None]:
     out: list[int | None] = []
     for i, v in enumerate(values):
         if v is None:
@@ -223,7 +229,7 @@ def _label_ids(values: list[Any], label2id: dict[str, int] | None, source: str, 
         else:
             known = ", ".join(sorted(label2id)) if label2id else "integers"
             raise DatasetError(
-                f"dataset {source} row {i} label '{v}' (field '{field_name}', --label-field) is not one of "
+                f"dataset {ds.source} {ds.row_label(i)} label '{v}' (field '{field_name}', --label-field) is not one of "
                 f"the teacher's labels ({known})"
             )
     return out
@@ -234,22 +240,22 @@ def build_classification(
 ) -> RecipeResult:
     """Text rows truncated to ``max_length``; no positions; gold label when the dataset has one."""
     field_name = cfg.text_field or "sentence"
-    texts = _as_text(ds.column(field_name, "--text-field"), field_name, "--text-field", ds.source)
+    texts = _as_text(ds.column(field_name, "--text-field"), field_name, "--text-field", ds)
     labels: list[int | None] = [None] * len(texts)
     if cfg.label_field and cfg.label_field in ds.columns:
-        labels = _label_ids(ds.columns[cfg.label_field], label2id, ds.source, cfg.label_field)
+        labels = _label_ids(ds.columns[cfg.label_field], label2id, ds, cfg.label_field)
     elif cfg.label_field and cfg.label_field != "label":
         ds.column(cfg.label_field, "--label-field")  # raises the listing error: it was asked for explicitly
     ids = _with_bos(tokenizer, _token_lists(tokenizer, texts, special=True), cfg.bos)
     truncated = sum(len(x) > cfg.max_length for x in ids)
     examples = [
-        Example(sample_id=i, input_ids=np.asarray(x[: cfg.max_length], dtype=np.int32),
+        Example(sample_id=key, input_ids=np.asarray(x[: cfg.max_length], dtype=np.int32),
                 positions=np.zeros(0, dtype=np.int32), label=labels[i])
-        for i, x in enumerate(ids)
+        for i, (key, x) in enumerate(zip(ds.keys, ids, strict=True))
     ]
-    empty = [e.sample_id for e in examples if len(e.input_ids) == 0]
+    empty = [i for i, e in enumerate(examples) if len(e.input_ids) == 0]
     if empty:
-        raise DatasetError(f"dataset {ds.source} row {empty[0]} tokenizes to nothing; drop empty rows")
+        raise DatasetError(f"dataset {ds.source} {ds.row_label(empty[0])} tokenizes to nothing; drop empty rows")
     return RecipeResult(examples, {"truncated": truncated})
 
 
@@ -303,12 +309,12 @@ def make_prompt_response_example(
     return Example(sample_id=sample_id, input_ids=ids, positions=positions, prompt_len=len(prompt)), cut
 
 
-def build_prompt_response(ds: LoadedDataset, tokenizer: Any, cfg: RecipeConfig) -> RecipeResult:
+def build_prompt_response(ds: LoadedDataset, tokenizer: Any, cfg: RecipeConfig, allow_empty: bool = False) -> RecipeResult:
     """Summarization and reasoning rows; with ``teacher_generates`` the response is left empty here."""
     text_field = cfg.text_field or ""
-    texts = _as_text(ds.column(text_field, "--text-field"), text_field, "--text-field", ds.source)
+    texts = _as_text(ds.column(text_field, "--text-field"), text_field, "--text-field", ds)
     if cfg.fallback_field and cfg.fallback_field in ds.columns:
-        fallback = _as_text(ds.columns[cfg.fallback_field], cfg.fallback_field, "--fallback-field", ds.source)
+        fallback = _as_text(ds.columns[cfg.fallback_field], cfg.fallback_field, "--fallback-field", ds)
         texts = [t if t.strip() else f for t, f in zip(texts, fallback, strict=True)]
     prompts = render_prompts(tokenizer, texts, cfg)
     eos = tokenizer.eos_token_id
@@ -317,15 +323,15 @@ def build_prompt_response(ds: LoadedDataset, tokenizer: Any, cfg: RecipeConfig) 
         # The teacher writes the responses later; keep the prompts (cut to leave room for an answer).
         examples = []
         truncated = 0
-        for i, p in enumerate(prompts):
+        for key, p in zip(ds.keys, prompts, strict=True):
             # Leave at least one token of room for the answer; the dump cuts answers to fit.
             p2, _, cut = fit_prompt_response(p, [], cfg.max_length - 1, bos)
             truncated += cut
-            examples.append(Example(sample_id=i, input_ids=np.asarray(p2, dtype=np.int32),
+            examples.append(Example(sample_id=key, input_ids=np.asarray(p2, dtype=np.int32),
                                     positions=np.zeros(0, dtype=np.int32), prompt_len=len(p2)))
         return RecipeResult(examples, {"truncated": truncated, "skipped": 0})
     resp_field = cfg.response_field or ""
-    responses = _as_text(ds.column(resp_field, "--response-field"), resp_field, "--response-field", ds.source)
+    responses = _as_text(ds.column(resp_field, "--response-field"), resp_field, "--response-field", ds)
     sep = response_separator(cfg.chat_template)
     resp_ids = _token_lists(tokenizer, [sep + r.strip() for r in responses], special=False)
     examples: list[Example] = []
@@ -334,13 +340,13 @@ def build_prompt_response(ds: LoadedDataset, tokenizer: Any, cfg: RecipeConfig) 
         if not responses[i].strip():
             skipped += 1
             continue
-        ex, cut = make_prompt_response_example(i, p, [*r, eos] if eos is not None else r, cfg.max_length, bos)
+        ex, cut = make_prompt_response_example(ds.keys[i], p, [*r, eos] if eos is not None else r, cfg.max_length, bos)
         truncated += cut
         if ex is None:
             skipped += 1
         else:
             examples.append(ex)
-    if not examples:
+    if not examples and not allow_empty:
         raise DatasetError(
             f"dataset {ds.source}: no row has both a prompt ('{text_field}', --text-field) and a response "
             f"('{resp_field}', --response-field)"
@@ -349,9 +355,14 @@ def build_prompt_response(ds: LoadedDataset, tokenizer: Any, cfg: RecipeConfig) 
 
 
 def build_examples(
-    ds: LoadedDataset, tokenizer: Any, cfg: RecipeConfig, label2id: dict[str, int] | None = None
+    ds: LoadedDataset, tokenizer: Any, cfg: RecipeConfig, label2id: dict[str, int] | None = None,
+    allow_empty: bool = False,
 ) -> RecipeResult:
-    """Dispatch on ``cfg.task``; rows come out in dataset order, ``sample_id`` = their row index (lm: provenance)."""
+    """Dispatch on ``cfg.task``; rows come out in dataset order, ``sample_id`` = their row key (``ds.keys``: the
+    row index, or one dump unit's source row keys; lm: provenance).
+
+    ``allow_empty``: one dump unit may hold no usable row (blank lines only); the dump checks the whole
+    dataset instead."""
     if cfg.stride is not None and cfg.task != "lm":
         raise ConfigError(f"--stride applies to --task lm (overlapping LM windows), not {cfg.task}; drop --stride")
     cfg = cfg.resolved()
@@ -360,9 +371,9 @@ def build_examples(
     if cfg.teacher_generates and cfg.task not in ("reasoning", "summarization"):
         raise ConfigError(f"--teacher-generates applies to --task reasoning or summarization, not {cfg.task}")
     if cfg.task == "lm":
-        return build_lm(ds, tokenizer, cfg)
+        return build_lm(ds, tokenizer, cfg, allow_empty)
     if cfg.task == "classification":
         return build_classification(ds, tokenizer, cfg, label2id)
     if cfg.task in ("summarization", "reasoning"):
-        return build_prompt_response(ds, tokenizer, cfg)
+        return build_prompt_response(ds, tokenizer, cfg, allow_empty)
     raise ConfigError(f"unknown --task {cfg.task!r}; choose one of {', '.join(TASKS)}")

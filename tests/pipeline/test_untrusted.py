@@ -112,7 +112,7 @@ def test_train_overwrite_replaces_an_earlier_run_old_or_new(cache: Path, tiny_st
 
 def _dump_cfg(teacher: Path, data: Path, out: Path, **kw: Any) -> DumpConfig:
     return DumpConfig(teacher=str(teacher), dataset=str(data), out=str(out), top_k=8, max_length=32, unit_rows=4,
-                      batch_size=4, device="cpu", progress=False, **kw)
+                      unit_bytes=256, batch_size=4, device="cpu", progress=False, **kw)
 
 
 @pytest.fixture(scope="module")

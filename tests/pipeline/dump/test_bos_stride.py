@@ -210,13 +210,16 @@ def test_window_nll_equals_unpacked_forward_with_bos(texts: list[str], tiny_toke
 
 
 def _rebuild(recipe: dict[str, Any], texts: list[str], tok: Any) -> list[tuple[str, list[int], list[int]]]:
-    """Rows rebuilt from the identity's recipe facts alone (an independent reading of them)."""
+    """Rows rebuilt from the identity's recipe facts alone (an independent reading of them); the file is one
+    unit, and a document's key is the byte offset of its line."""
+    assert recipe["units"]["rule"] == "bytes" and recipe["units"]["count"] == 1
     lm = recipe["lm"]
+    keys = [sum(len(t.encode()) + 1 for t in texts[:i]) for i in range(len(texts))]
     bos = [recipe["bos_id"]] if recipe["bos_id"] is not None else []
     L_, S = recipe["max_length"], lm["stride"]
     docs = [(row, [*tok(t, add_special_tokens=recipe["add_special_tokens"])["input_ids"],
                    *([lm["eos_id"]] if lm["eos_after_document"] else [])])
-            for row, t in enumerate(texts) if t.strip()]
+            for row, t in zip(keys, texts, strict=True) if t.strip()]
     streams = [docs] if recipe["pack"] else [[d] for d in docs]
     out = []
     for group in streams:

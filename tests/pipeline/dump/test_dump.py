@@ -18,7 +18,8 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 def _cfg(model: Path, data: Path, out: Path, **kw: Any) -> DumpConfig:
     base: dict[str, Any] = {"teacher": str(model), "dataset": str(data), "out": str(out), "top_k": 8,
-                            "max_length": 32, "unit_rows": 4, "batch_size": 4, "device": "cpu", "progress": False}
+                            "max_length": 32, "unit_rows": 4, "unit_bytes": 256, "batch_size": 4, "device": "cpu",
+                            "progress": False}
     base.update(kw)
     return DumpConfig(**base)
 

@@ -27,7 +27,8 @@ def _run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]
 
 def _base(model: Path, data: Path, out: Path) -> list[str]:
     return ["--teacher", str(model), "--dataset", str(data), "--out", str(out), "--top-k", "8",
-            "--max-length", "32", "--unit-rows", "4", "--device", "cpu", "--no-progress"]
+            "--max-length", "32", "--unit-rows", "4", "--unit-bytes", "256", "--device", "cpu",
+            "--no-progress"]
 
 
 def _error(code: int, err: str) -> str:

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[3]
 def _args(model: Path, data: Path, out: Path) -> list[str]:
     # Many small units (one shard each) so the kill lands between the first and the last one.
     return ["--teacher", str(model), "--dataset", str(data), "--out", str(out), "--top-k", "8", "--max-length",
-            "16", "--unit-rows", "2", "--batch-size", "2", "--device", "cpu", "--no-progress"]
+            "16", "--unit-rows", "2", "--unit-bytes", "96", "--batch-size", "2", "--device", "cpu", "--no-progress"]
 
 
 def _journaled_units(out: Path) -> int:
@@ -38,7 +38,7 @@ def _journaled_units(out: Path) -> int:
 @pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted(tiny_lm_dir: Path, tiny_texts: list[str], tmp_path: Path,
                                                   same_content: Any) -> None:
-    # ~120 units: after the kill point (3 units) the dump has seconds of work left, far more than
+    # ~130 units of 96 bytes: after the kill point (3 units) the dump has seconds of work left, far more than
     # any scheduling delay of this polling process on a loaded machine.
     data = tmp_path / "text.txt"
     data.write_text("\n".join(tiny_texts) + "\n")
@@ -62,7 +62,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_lm_dir: Path, tiny_texts:
 
     cfg = DumpConfig.model_validate({
         "teacher": str(tiny_lm_dir), "dataset": str(data), "top_k": 8, "max_length": 16, "unit_rows": 2,
-        "batch_size": 2, "device": "cpu", "progress": False, "out": str(killed)})
+        "unit_bytes": 96, "batch_size": 2, "device": "cpu", "progress": False, "out": str(killed)})
     resumed = run_dump(cfg)
     assert resumed["units_resumed"] >= units_before >= 3 and resumed["units_done"] > 0
     whole = tmp_path / "whole"

@@ -19,7 +19,7 @@ from pipeline.dump.run import DumpConfig, run_dump
 
 def _cfg(model: Path, data: Path, out: Path, backend: str, **kw: Any) -> DumpConfig:
     base: dict[str, Any] = {"teacher": str(model), "dataset": str(data), "out": str(out), "backend": backend,
-                            "top_k": 16, "max_length": 48, "unit_rows": 4, "batch_size": 4, "device": "cpu",
+                            "top_k": 16, "max_length": 48, "unit_rows": 4, "unit_bytes": 256, "batch_size": 4, "device": "cpu",
                             "progress": False}
     return DumpConfig(**{**base, **kw})
 

@@ -213,8 +213,8 @@ def _cfg(model: Path, data: Path, out: Path, backend: str, **kw: Any) -> Any:
     from pipeline.dump.run import DumpConfig
 
     base: dict[str, Any] = {"teacher": str(model), "dataset": str(data), "out": str(out), "backend": backend,
-                            "top_k": 16, "num_draws": 16, "max_length": 48, "unit_rows": 4, "batch_size": 4,
-                            "device": "cpu", "progress": False, "seed": 9}
+                            "top_k": 16, "num_draws": 16, "max_length": 48, "unit_rows": 4, "unit_bytes": 256,
+                            "batch_size": 4, "device": "cpu", "progress": False, "seed": 9}
     return DumpConfig(**{**base, **kw})
 
 
