@@ -81,7 +81,8 @@ def test_overwrite_with_several_workers_is_refused() -> None:
 def _args(model: Path, data: Path, out: str, extra: list[str]) -> list[str]:
     # Many small units (one shard each) so a kill lands between the first and the last one.
     return ["--teacher", str(model), "--dataset", str(data), "--out", out, "--top-k", "8", "--max-length",
-            "16", "--unit-rows", "2", "--batch-size", "2", "--device", "cpu", "--no-progress", *extra]
+            "16", "--unit-rows", "2", "--unit-bytes", "96", "--batch-size", "2", "--device", "cpu", "--no-progress",
+            *extra]
 
 
 def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -138,7 +139,8 @@ def whole(tiny_lm_dir: Path, text_data: Path, tmp_path: Path) -> Path:
     """The one-worker dump every multi-worker result must equal."""
     out = tmp_path / "whole"
     cfg = DumpConfig.model_validate({"teacher": str(tiny_lm_dir), "dataset": str(text_data), "top_k": 8,
-                                     "max_length": 16, "unit_rows": 2, "batch_size": 2, "device": "cpu",
+                                     "max_length": 16, "unit_rows": 2, "unit_bytes": 96, "batch_size": 2,
+                                     "device": "cpu",
                                      "progress": False, "out": str(out)})
     with _one_torch_thread():
         run_dump(cfg)
@@ -250,15 +252,15 @@ def test_cache_finalize_command_names_missing_units_then_finalizes(tmp_path: Pat
 
 def test_resume_of_a_cache_started_by_the_previous_version(tiny_lm_dir: Path, data_dir: Path, tmp_path: Path,
                                                           same_content: Any) -> None:
-    """Journal instead of markers, and recipe.units without a count: it resumes as it was and finalizes."""
-    import dataclasses
+    """A journal (.kdpipe-progress.jsonl) instead of unit markers: its units are kept, the rest done, then finalized."""
     import json
 
     from cache_format.manifest import INCOMPLETE_MARKER, PROGRESS_JOURNAL, dumps_marker
 
     def cfg(out: Path) -> DumpConfig:
         return DumpConfig.model_validate({"teacher": str(tiny_lm_dir), "dataset": str(data_dir / "wiki.txt"),
-                                          "top_k": 8, "max_length": 16, "unit_rows": 4, "device": "cpu",
+                                          "top_k": 8, "max_length": 16, "unit_rows": 4, "unit_bytes": 256,
+                                          "device": "cpu",
                                           "progress": False, "out": str(out)})
 
     whole, old = tmp_path / "whole", tmp_path / "old"
@@ -275,13 +277,10 @@ def test_resume_of_a_cache_started_by_the_previous_version(tiny_lm_dir: Path, da
     for u in done:
         lines.append(json.dumps({"unit": u, "shards": [s.to_dict() for s in m.shards if s.unit == u]}))
     (old / PROGRESS_JOURNAL).write_text("\n".join(lines) + "\n")
-    units = {"unit_rows": 4, "num_workers": 1}
-    ident = dataclasses.replace(m.identity, recipe={**m.identity.recipe, "units": units})
-    (old / INCOMPLETE_MARKER).write_bytes(dumps_marker(ident, m.created_at))
+    (old / INCOMPLETE_MARKER).write_bytes(dumps_marker(m.identity, m.created_at))
     with _one_torch_thread():
         s = run_dump(cfg(old))
     assert s["units_resumed"] == len(done) and s["finalized"]
-    assert open_cache(str(old)).manifest.identity.recipe["units"] == units
     assert sorted(p.name for p in old.iterdir()) == sorted(p.name for p in whole.iterdir())
     same_content(old, whole)
 
