@@ -16,6 +16,7 @@ import hashlib
 import importlib
 import os
 import posixpath
+import re
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -382,7 +383,10 @@ def _failure_message(where: str, action: str, exc: BaseException, tries: int | N
     text = printable(f"{type(exc).__name__}: {exc}", 300)
     low = text.lower()
     retried = True
-    if isinstance(exc, PermissionError) or any(s in low for s in ("403", "forbidden", "accessdenied", "access denied")):
+    # 403 as a status code, never digits of a port or a size inside the message ("127.0.0.1:40363").
+    forbidden = re.search(r"(?<![\d:.])403(?!\d)", low) is not None
+    if isinstance(exc, PermissionError) or forbidden or any(s in low for s in ("forbidden", "accessdenied",
+                                                                                "access denied")):
         what, fix, retried = "was refused: access denied (403)", "check the credentials and the bucket policy", False
     elif "nosuchbucket" in low or "bucket does not exist" in low:
         what, fix, retried = "failed: the bucket does not exist", "check the bucket name and --endpoint-url", False

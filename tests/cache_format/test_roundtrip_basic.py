@@ -115,14 +115,6 @@ def test_record_batches_bound_memory_and_random_access_crosses_them(tmp_path: Pa
     assert [reader.read_row(0, i).sample_id for i in (4, 0, 3)] == ["u0-r4", "u0-r0", "u0-r3"]
 
 
-def test_writer_refuses_remote_urls(tmp_path: Path) -> None:
-    from cache_format import CacheError
-    from helpers.cache import identity
-
-    with pytest.raises(CacheError, match=r"local directories only.*kdpipe cache copy"):
-        CacheWriter("s3://bucket/cache", identity())
-
-
 def test_reader_is_fork_safe_and_picklable(tmp_path: Path) -> None:
     import multiprocessing as mp
     import pickle
