@@ -37,7 +37,7 @@ _SPLIT_ALIASES: dict[str, tuple[str, ...]] = {
     "train": ("train",),
     "test": ("test",),
 }
-_EXT_FORMAT: dict[str, DatasetFormat] = {
+EXT_FORMAT: dict[str, DatasetFormat] = {
     ".json": "json",
     ".jsonl": "json",
     ".parquet": "parquet",
@@ -45,7 +45,7 @@ _EXT_FORMAT: dict[str, DatasetFormat] = {
     ".txt": "text",
     ".text": "text",
 }
-_SST2_LINE = re.compile(r"^\s*(-?\d+)\s+(\S.*?)\s*$")
+SST2_LINE = re.compile(r"^\s*(-?\d+)\s+(\S.*?)\s*$")
 # How each format becomes rows, recorded in the identity so a row number leads back to the source.
 ROW_RULES: dict[str, str] = {
     "text": "one row per line of the UTF-8 file (lines end at '\\n', a '\\r' before it dropped), blank lines kept, "
@@ -123,7 +123,7 @@ def _flatten_record(rec: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _records_to_columns(records: list[dict[str, Any]]) -> dict[str, list[Any]]:
+def records_to_columns(records: list[dict[str, Any]]) -> dict[str, list[Any]]:
     """Row dicts (possibly with different keys) -> flat columns; missing values are ``None``."""
     flat = [_flatten_record(r) for r in records]
     names: dict[str, None] = {}
@@ -146,14 +146,14 @@ def _sniff_sst2(path: Path) -> bool:
     """True when the first non-empty lines all look like ``<int label> <sentence>``."""
     with path.open(encoding="utf-8", errors="replace") as fh:
         lines = [ln for ln in (fh.readline() for _ in range(20)) if ln.strip()]
-    return bool(lines) and all(_SST2_LINE.match(ln) for ln in lines)
+    return bool(lines) and all(SST2_LINE.match(ln) for ln in lines)
 
 
-def _detect_format(path: Path, fmt: DatasetFormat) -> DatasetFormat:
+def detect_format(path: Path, fmt: DatasetFormat) -> DatasetFormat:
     if fmt != "auto":
         return fmt
-    if path.suffix.lower() in _EXT_FORMAT:
-        found = _EXT_FORMAT[path.suffix.lower()]
+    if path.suffix.lower() in EXT_FORMAT:
+        found = EXT_FORMAT[path.suffix.lower()]
         if found == "text" and _sniff_sst2(path):
             return "sst2"
         return found
@@ -185,7 +185,7 @@ def _read_sst2(path: Path) -> dict[str, list[Any]]:
     for lineno, line in enumerate(_lines(path), start=1):
         if not line.strip():
             continue
-        m = _SST2_LINE.match(line)
+        m = SST2_LINE.match(line)
         if m is None:
             raise DatasetError(
                 f"{path}:{lineno} is not '<label> <sentence>' (SST-2 format); fix the line or pass "
@@ -196,7 +196,7 @@ def _read_sst2(path: Path) -> dict[str, list[Any]]:
     return {"label": labels, "sentence": sentences}
 
 
-def _read_json(path: Path) -> dict[str, list[Any]]:
+def read_json(path: Path) -> dict[str, list[Any]]:
     text = path.read_text(encoding="utf-8")
     stripped = text.lstrip()
     try:
@@ -208,7 +208,7 @@ def _read_json(path: Path) -> dict[str, list[Any]]:
         raise DatasetError(f"dataset file {path} is not valid JSON / JSON lines: {exc}") from None
     if not all(isinstance(r, dict) for r in records):
         raise DatasetError(f"dataset file {path} must hold JSON objects (one row each), not bare values")
-    return _records_to_columns(records)
+    return records_to_columns(records)
 
 
 def _read_parquet(path: Path) -> dict[str, list[Any]]:
@@ -218,7 +218,7 @@ def _read_parquet(path: Path) -> dict[str, list[Any]]:
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises several types for a bad file
         raise DatasetError(f"dataset file {path} is not a readable Parquet file: {first_line(exc)}") from None
-    return _records_to_columns(table.to_pylist())
+    return records_to_columns(table.to_pylist())
 
 
 def _read_csv(path: Path) -> dict[str, list[Any]]:
@@ -226,13 +226,13 @@ def _read_csv(path: Path) -> dict[str, list[Any]]:
 
     with path.open(newline="", encoding="utf-8") as fh:
         records = list(csv.DictReader(fh))
-    return _records_to_columns(records)
+    return records_to_columns(records)
 
 
-_READERS = {"json": _read_json, "parquet": _read_parquet, "csv": _read_csv, "text": _read_text, "sst2": _read_sst2}
+_READERS = {"json": read_json, "parquet": _read_parquet, "csv": _read_csv, "text": _read_text, "sst2": _read_sst2}
 
 
-def _split_file(folder: Path, split: str) -> Path:
+def split_file(folder: Path, split: str) -> Path:
     """The file in ``folder`` whose stem or last suffix names ``split`` (e.g. ``stsa.binary.dev``)."""
     wanted = _SPLIT_ALIASES.get(split, (split,))
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
@@ -261,10 +261,10 @@ def _load_local(path: Path, split: str, fmt: DatasetFormat, limit: int | None) -
     if path.is_dir():
         if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
             return _load_saved_dataset(path, limit)
-        file = _split_file(path, split)
+        file = split_file(path, split)
     else:
         file = path
-    kind = _detect_format(file, fmt)
+    kind = detect_format(file, fmt)
     columns = _limit_columns(_READERS[kind](file), limit)
     return LoadedDataset(
         columns=columns,
@@ -336,6 +336,18 @@ def hub_dataset(name: str, config: str | None, split: str) -> tuple[Any, str]:
     return ds, source
 
 
+def dataset_location(name: str, limit: int | None) -> tuple[Path, bool]:
+    """(path, whether ``--dataset`` names a local file or folder rather than a hub dataset); refuses a bad --limit
+    and a local-looking path that does not exist."""
+    if limit is not None and limit < 1:
+        raise DatasetError(f"--limit must be at least 1, got {limit}")
+    path = Path(name).expanduser()
+    looks_local = path.exists() or name.startswith((".", "/", "~")) or path.suffix.lower() in EXT_FORMAT
+    if looks_local and not path.exists():
+        raise DatasetError(f"dataset path {path} does not exist; pass an existing file or folder to --dataset")
+    return path, looks_local
+
+
 def load_dataset_rows(
     name: str,
     *,
@@ -345,12 +357,7 @@ def load_dataset_rows(
     fmt: DatasetFormat = "auto",
 ) -> LoadedDataset:
     """Load a dataset (local path or hub name), keep the first ``limit`` rows; refuse an empty one."""
-    if limit is not None and limit < 1:
-        raise DatasetError(f"--limit must be at least 1, got {limit}")
-    path = Path(name).expanduser()
-    looks_local = path.exists() or name.startswith((".", "/", "~")) or path.suffix.lower() in _EXT_FORMAT
-    if looks_local and not path.exists():
-        raise DatasetError(f"dataset path {path} does not exist; pass an existing file or folder to --dataset")
+    path, looks_local = dataset_location(name, limit)
     loaded = _load_local(path, split, fmt, limit) if looks_local else _load_hub(name, config, split, limit)
     if loaded.num_rows == 0:
         raise DatasetError(

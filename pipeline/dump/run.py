@@ -69,11 +69,6 @@ from pipeline.errors import ConfigError, DatasetError, ModelError
 from pipeline.hf_io import first_line, load_config, load_tokenizer
 
 
-def unit_slices(n_rows: int, unit_rows: int) -> list[tuple[int, int]]:
-    """[start, end) row range of every unit, in order."""
-    return [(s, min(s + unit_rows, n_rows)) for s in range(0, n_rows, unit_rows)]
-
-
 def my_units(n_units: int, num_workers: int, worker_index: int) -> list[int]:
     """Units of worker ``worker_index``: j % num_workers == worker_index."""
     return list(range(worker_index, n_units, num_workers))

@@ -36,16 +36,16 @@ from pathlib import Path
 from typing import IO, Any
 
 from pipeline.dump.datasets import (
-    _EXT_FORMAT,
     ROW_RULES,
     DatasetFormat,
     LoadedDataset,
-    _detect_format,
-    _read_json,
-    _records_to_columns,
-    _split_file,
+    dataset_location,
+    detect_format,
     hub_dataset,
+    read_json,
+    records_to_columns,
     saved_dataset,
+    split_file,
 )
 from pipeline.dump.fingerprints import dataset_fingerprint
 from pipeline.dump.sources_lines import LineFormat, line_rows, skip_to_line_start
@@ -151,7 +151,7 @@ class ParquetSource(Source):
                     if at >= end:
                         break
             first += n
-        return self._loaded(_records_to_columns(records), list(range(start, end)))
+        return self._loaded(records_to_columns(records), list(range(start, end)))
 
 
 @dataclass
@@ -172,7 +172,7 @@ class CsvSource(Source):
             fh.seek(self.offsets[u])
             reader = csv.DictReader(_TextLines(fh, self.offsets[u], self.path), fieldnames=self.header)
             records = [rec for _, rec in zip(range(want), reader, strict=False)]
-        return self._loaded(_records_to_columns(records), list(range(start, start + len(records))))
+        return self._loaded(records_to_columns(records), list(range(start, start + len(records))))
 
 
 class _TextLines:
@@ -294,7 +294,7 @@ def _open_file(root: Path, file: Path, name: str, split: str | None, kind: Datas
         return LineSource(**common, format=kind, num_rows=rows, rule="bytes", unit_size=unit_bytes, path=file,
                           kind=kind, end=end)  # type: ignore[arg-type]
     if kind == "json":
-        columns = _read_json(file)
+        columns = read_json(file)
         n = len(next(iter(columns.values()))) if columns else 0
         n = min(n, limit) if limit is not None else n
         return MemorySource(**common, format=kind, num_rows=n, rule="rows", unit_size=unit_rows,
@@ -325,21 +325,16 @@ def _arrow_source(ds: Any, source: str, name: str, config: str | None, split: st
 def open_source(name: str, *, config: str | None = None, split: str = "train", limit: int | None = None,
                 fmt: DatasetFormat = "auto", unit_bytes: int = 512 * 1024, unit_rows: int = 256) -> Source:
     """The dataset ``name`` (local path or hub name) cut into units; refuses one without rows."""
-    if limit is not None and limit < 1:
-        raise DatasetError(f"--limit must be at least 1, got {limit}")
-    path = Path(name).expanduser()
-    looks_local = path.exists() or name.startswith((".", "/", "~")) or path.suffix.lower() in _EXT_FORMAT
-    if looks_local and not path.exists():
-        raise DatasetError(f"dataset path {path} does not exist; pass an existing file or folder to --dataset")
+    path, looks_local = dataset_location(name, limit)
     if not looks_local:
         ds, source = hub_dataset(name, config, split)
         src = _arrow_source(ds, source, name, config, split, limit, unit_rows)
     elif path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "state.json").is_file()):
         src = _arrow_source(saved_dataset(path), str(path), str(path), None, None, limit, unit_rows)
     else:
-        file = _split_file(path, split) if path.is_dir() else path
+        file = split_file(path, split) if path.is_dir() else path
         src = _open_file(path if path.is_dir() else path.parent, file, str(path), split if path.is_dir() else None,
-                         _detect_format(file, fmt), limit, unit_bytes, unit_rows)
+                         detect_format(file, fmt), limit, unit_bytes, unit_rows)
     if src.num_units == 0 or src.num_rows == 0:
         raise DatasetError(f"dataset {src.source} has no rows; check --dataset, --split and --limit")
     return src

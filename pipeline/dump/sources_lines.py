@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from pipeline.dump.datasets import _SST2_LINE, _records_to_columns
+from pipeline.dump.datasets import SST2_LINE, records_to_columns
 from pipeline.errors import DatasetError
 
 LineFormat = Literal["text", "sst2", "json"]
@@ -60,7 +60,7 @@ def line_rows(kind: LineFormat, lines: Iterable[tuple[int, bytes]], path: Path) 
             text = _decode(line, pos, path)
             if not text.strip():
                 continue
-            m = _SST2_LINE.match(text)
+            m = SST2_LINE.match(text)
             if m is None:
                 raise DatasetError(f"{path}: the line at byte {pos} is not '<label> <sentence>' (SST-2 format); fix "
                                    "the line or pass --dataset-format for another format")
@@ -83,4 +83,4 @@ def line_rows(kind: LineFormat, lines: Iterable[tuple[int, bytes]], path: Path) 
                                "each line must be one object (one row)")
         keys.append(pos)
         records.append(rec)
-    return _records_to_columns(records), keys
+    return records_to_columns(records), keys

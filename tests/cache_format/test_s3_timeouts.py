@@ -10,23 +10,22 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_s3 import _free_port, _wait_for_port  # skips this module too when moto or s3fs is missing
 
 from cache_format import copy_cache, open_cache, verify_cache
 from cache_format.errors import RemoteStorageError, UnsafeFileError
 from cache_format.storage import S3_CONFIG_DEFAULTS, Storage
 from helpers.cache import write_topk_cache
+from helpers.moto_s3 import CREDENTIALS, free_port, moto_available
+from helpers.moto_s3 import moto_server as _moto_server
 from pipeline.cli import main
 
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-               "AWS_DEFAULT_REGION": "us-east-1", "AWS_SESSION_TOKEN": "testing"}
+if not moto_available():
+    pytest.skip("moto[server] and s3fs are needed (the dev extra)", allow_module_level=True)
 BOUND_S = 60
 
 
@@ -36,18 +35,9 @@ def fake_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(key, value)
 
 
-@contextlib.contextmanager
-def moto_server(**env: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, **CREDENTIALS, **env})
-    try:
-        _wait_for_port(port, proc)
-        yield proc, f"http://127.0.0.1:{port}"
-    finally:
-        proc.kill()  # also ends a SIGSTOPped server
-        proc.wait()
+def moto_server(**env: str) -> contextlib.AbstractContextManager[tuple[subprocess.Popen[bytes], str]]:
+    """A moto server without a bucket (tests create theirs, or test a missing one)."""
+    return _moto_server(bucket=None, **env)
 
 
 def fast(endpoint: str) -> dict[str, Any]:
@@ -100,7 +90,7 @@ def test_server_killed_mid_read_ends_in_bounded_time(tmp_path: Path) -> None:
 
 
 def test_refused_connection_is_an_error_not_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    endpoint = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     local = write_topk_cache(tmp_path / "c", units=1)
     for run in (lambda: open_cache("s3://caches/x", fast(endpoint)),
                 lambda: copy_cache(local, "s3://caches/x", dst_storage_options=fast(endpoint)),

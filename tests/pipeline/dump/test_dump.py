@@ -10,7 +10,7 @@ import pytest
 
 from cache_format import open_cache, verify_cache
 from pipeline.dump.lm import default_stride, parse_lm_sample_id
-from pipeline.dump.run import DumpConfig, my_units, run_dump, unit_slices
+from pipeline.dump.run import DumpConfig, my_units, run_dump
 from pipeline.errors import KdpipeError
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -29,7 +29,6 @@ def _rows(path: Path) -> list[Any]:
 
 
 def test_units_are_split_round_robin() -> None:
-    assert unit_slices(10, 4) == [(0, 4), (4, 8), (8, 10)]
     assert my_units(5, 2, 0) == [0, 2, 4] and my_units(5, 2, 1) == [1, 3]
 
 
