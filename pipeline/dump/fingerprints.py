@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 # The files of a local model folder that decide what the model computes (SPEC §2.2): weights and
@@ -23,20 +23,22 @@ NOT_WEIGHTS = frozenset({"training_args.bin", "optimizer.pt", "scheduler.pt", "s
 _CHUNK = 1 << 22
 
 
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file's bytes, read in 4 MiB chunks."""
+def file_sha256(path: Path, on_chunk: Callable[[bytes], None] | None = None) -> str:
+    """Hex sha256 of a file's bytes, read in 4 MiB chunks; ``on_chunk`` sees every chunk too (one read for both)."""
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         while chunk := fh.read(_CHUNK):
             digest.update(chunk)
+            if on_chunk is not None:
+                on_chunk(chunk)
     return digest.hexdigest()
 
 
-def tree_digest(root: Path, names: Iterable[str]) -> str:
+def tree_digest(root: Path, names: Iterable[str], on_chunk: Callable[[bytes], None] | None = None) -> str:
     """``sha256:<hex>`` over ``<file sha256>  <name>\\n`` lines, names (POSIX paths under ``root``) in UTF-8 byte order."""
     listing = hashlib.sha256()
     for name in sorted(set(names), key=lambda n: n.encode("utf-8")):
-        listing.update(f"{file_sha256(root / name)}  {name}\n".encode())
+        listing.update(f"{file_sha256(root / name, on_chunk)}  {name}\n".encode())
     return "sha256:" + listing.hexdigest()
 
 
@@ -55,12 +57,13 @@ def weights_revision(folder: Path) -> str | None:
     return tree_digest(folder, names) if names else None
 
 
-def dataset_fingerprint(root: Path, files: Iterable[Path]) -> str:
+def dataset_fingerprint(root: Path, files: Iterable[Path], on_chunk: Callable[[bytes], None] | None = None) -> str:
     """``dataset.fingerprint`` of local files: the tree digest of ``files``, named by their paths under ``root``.
 
     ``root`` is the folder given as the dataset (a single file: its own folder), so the names do
     not depend on where the data sits on disk. Covers the bytes only: how rows are cut from them
-    is ``dataset.format``/``rows`` and how many were used is ``num_rows``.
+    is ``dataset.format``/``rows`` and how many were used is ``num_rows``. ``on_chunk``: as in
+    :func:`file_sha256` (a caller that also needs to scan the bytes reads them once).
     """
     root = Path(root)
-    return tree_digest(root, [Path(f).relative_to(root).as_posix() for f in files])
+    return tree_digest(root, [Path(f).relative_to(root).as_posix() for f in files], on_chunk)

@@ -126,16 +126,25 @@ def _lines_from(fh: IO[bytes], pos: int, hi: int) -> Iterator[tuple[int, bytes]]
 
 
 @dataclass
-class ParquetSource(Source):
-    path: Path = Path()
+class RowSource(Source):
+    """Sources cut into row units: unit ``u`` is source rows ``[u*R, (u+1)*R)`` of ``num_rows``."""
 
     def __post_init__(self) -> None:
         self.num_units = -(-(self.num_rows or 0) // self.unit_size)
 
+    def row_range(self, u: int) -> tuple[int, int]:
+        """[start, end) source rows of unit ``u``."""
+        return u * self.unit_size, min((u + 1) * self.unit_size, self.num_rows or 0)
+
+
+@dataclass
+class ParquetSource(RowSource):
+    path: Path = Path()
+
     def read_unit(self, u: int) -> LoadedDataset:
         import pyarrow.parquet as pq
 
-        start, end = u * self.unit_size, min((u + 1) * self.unit_size, self.num_rows or 0)
+        start, end = self.row_range(u)
         records: list[dict[str, Any]] = []
         pf = pq.ParquetFile(self.path)
         first = 0  # the first row of row group g
@@ -155,23 +164,19 @@ class ParquetSource(Source):
 
 
 @dataclass
-class CsvSource(Source):
+class CsvSource(RowSource):
     """CSV: row units found by one streaming pass that records where each unit's first record starts."""
 
     path: Path = Path()
     header: list[str] = field(default_factory=list)
     offsets: list[int] = field(default_factory=list)  # byte offset of each unit's first record
 
-    def __post_init__(self) -> None:
-        self.num_units = len(self.offsets)
-
     def read_unit(self, u: int) -> LoadedDataset:
-        start = u * self.unit_size
-        want = min(self.unit_size, (self.num_rows or 0) - start)
+        start, end = self.row_range(u)
         with open_binary(self.path) as fh:
             fh.seek(self.offsets[u])
             reader = csv.DictReader(_TextLines(fh, self.offsets[u], self.path), fieldnames=self.header)
-            records = [rec for _, rec in zip(range(want), reader, strict=False)]
+            records = [rec for _, rec in zip(range(end - start), reader, strict=False)]
         return self._loaded(records_to_columns(records), list(range(start, start + len(records))))
 
 
@@ -222,30 +227,24 @@ def _csv_units(path: Path, unit_rows: int, limit: int | None) -> tuple[list[str]
 
 
 @dataclass
-class ArrowSource(Source):
+class ArrowSource(RowSource):
     """A ``datasets.Dataset`` (memory-mapped Arrow): unit ``u`` is the slice ``ds[u*R:(u+1)*R]``."""
 
     ds: Any = None
 
-    def __post_init__(self) -> None:
-        self.num_units = -(-(self.num_rows or 0) // self.unit_size)
-
     def read_unit(self, u: int) -> LoadedDataset:
-        start, end = u * self.unit_size, min((u + 1) * self.unit_size, self.num_rows or 0)
+        start, end = self.row_range(u)
         return self._loaded(dict(self.ds[start:end]), list(range(start, end)))
 
 
 @dataclass
-class MemorySource(Source):
+class MemorySource(RowSource):
     """Rows already in memory (a JSON array file, which cannot be read in parts): row units over them."""
 
     columns: dict[str, list[Any]] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        self.num_units = -(-(self.num_rows or 0) // self.unit_size)
-
     def read_unit(self, u: int) -> LoadedDataset:
-        start, end = u * self.unit_size, min((u + 1) * self.unit_size, self.num_rows or 0)
+        start, end = self.row_range(u)
         return self._loaded({k: v[start:end] for k, v in self.columns.items()}, list(range(start, end)))
 
 
@@ -270,27 +269,34 @@ def _limit_end(path: Path, kind: LineFormat, limit: int) -> tuple[int, int]:
     return pos, rows
 
 
-def _text_lines(path: Path) -> int:
-    """Lines of a file (rows of a text file), counted in 1 MiB blocks."""
-    n, last = 0, b"\n"
-    with open_binary(path) as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            n += block.count(b"\n")
-            last = block[-1:]
-    return n + (last != b"\n")
+class _LineCount:
+    """Lines of a file (rows of a text file), counted from the chunks the fingerprint reads anyway."""
+
+    def __init__(self) -> None:
+        self.newlines, self.last = 0, b"\n"
+
+    def __call__(self, chunk: bytes) -> None:
+        self.newlines += chunk.count(b"\n")
+        self.last = chunk[-1:]
+
+    @property
+    def lines(self) -> int:
+        return self.newlines + (self.last != b"\n")  # a last line without its newline counts too
 
 
 def _open_file(root: Path, file: Path, name: str, split: str | None, kind: DatasetFormat, limit: int | None,
                unit_bytes: int, unit_rows: int) -> Source:
     # SPEC §2.2: the tree digest of the file, named under the dataset root (one streaming read of its
-    # bytes, nothing parsed); how rows are cut and how many were used are identity members of their own.
-    fp = dataset_fingerprint(root, [file])
+    # bytes, nothing parsed; a text file's lines are counted in that same read); how rows are cut and how
+    # many were used are identity members of their own.
+    counted = _LineCount() if kind == "text" and limit is None else None
+    fp = dataset_fingerprint(root, [file], counted)
     common = {"name": name, "config": None, "split": split, "source": str(file), "fingerprint": fp}
     if kind in ("text", "sst2") or (kind == "json" and not _is_json_array(file)):
         size = file.stat().st_size
         end, rows = _limit_end(file, kind, limit) if limit is not None else (size, None)  # type: ignore[arg-type]
-        if rows is None and kind == "text":
-            rows = _text_lines(file)
+        if counted is not None:
+            rows = counted.lines
         return LineSource(**common, format=kind, num_rows=rows, rule="bytes", unit_size=unit_bytes, path=file,
                           kind=kind, end=end)  # type: ignore[arg-type]
     if kind == "json":
