@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from cache_format._files import TEMP_NAME_RE, WRITER_SHARD_RE
+from cache_format._files import WRITER_SHARD_RE
 from cache_format._target import WriteTarget
 from cache_format.errors import CacheExistsError, CacheNotFoundError, IncompatibleCacheError, ManifestError
 from cache_format.identity import CacheIdentity
@@ -55,17 +55,17 @@ DoneUnits = dict[int, UnitRecord]
 def is_writer_file(name: str) -> bool:
     """A file kdpipe's writer creates in a cache root (what ``overwrite`` may delete)."""
     return (name in (MANIFEST_NAME, INCOMPLETE_MARKER, PROGRESS_JOURNAL) or name.startswith(TMP_PREFIX)
-            or bool(UNIT_MARKER_RE.fullmatch(name)) or bool(WRITER_SHARD_RE.fullmatch(name))
-            or bool(TEMP_NAME_RE.fullmatch(name)))
+            or bool(UNIT_MARKER_RE.fullmatch(name)) or bool(WRITER_SHARD_RE.fullmatch(name)))
 
 
-def prepare_cache_dir(target: WriteTarget, identity: CacheIdentity, mode: str) -> tuple[DoneUnits, str]:
-    """Make the root ready for writing in ``mode``; returns (units already complete, the cache's created_at).
+def prepare_cache_dir(target: WriteTarget, identity: CacheIdentity, mode: str) -> DoneUnits:
+    """Make the root ready for writing in ``mode``; returns the units already complete.
+
+    The cache's ``created_at`` is kept in the unfinished-cache marker, where the finalizer reads it.
 
     ``shared``: one of several workers writing into one root. The unfinished-cache marker is
     written when absent; when present, its identity must equal this worker's. Nothing is deleted.
     """
-    created_at = now_iso()
     entries = target.list_files()
     if entries and mode == "create":
         raise CacheExistsError(f"{target.describe()} is not empty; pass mode='overwrite' (--overwrite) to replace the "
@@ -74,7 +74,7 @@ def prepare_cache_dir(target: WriteTarget, identity: CacheIdentity, mode: str) -
     if mode in ("resume", "shared") and (MANIFEST_NAME in entries or INCOMPLETE_MARKER in entries):
         if MANIFEST_NAME in entries:
             return _reopen_finished(target, identity)
-        return _resume_unfinished(target, identity, entries, created_at)
+        return _resume_unfinished(target, identity, entries)
     if entries and mode == "resume":
         raise CacheExistsError(f"{target.describe()} is not empty and holds no kdpipe cache (no {MANIFEST_NAME} or "
                                f"{INCOMPLETE_MARKER}); choose another directory")
@@ -82,10 +82,9 @@ def prepare_cache_dir(target: WriteTarget, identity: CacheIdentity, mode: str) -
         _refuse_foreign(target, entries, "write into")  # kdpipe's leftovers stay: finalize removes them
     elif entries:  # overwrite
         _remove_previous(target, entries)
-    if hasattr(target, "makedirs"):
-        target.makedirs()
-    target.put(INCOMPLETE_MARKER, dumps_marker(identity, created_at))
-    return {}, created_at
+    target.makedirs()
+    target.put(INCOMPLETE_MARKER, dumps_marker(identity, now_iso()))
+    return {}
 
 
 def _refuse_foreign(target: WriteTarget, entries: dict[str, int | None], action: str) -> None:
@@ -112,7 +111,7 @@ def _check_identity(target: WriteTarget, stored: CacheIdentity, source: str, ide
             + " — use a new output directory, or --overwrite to replace it")
 
 
-def _reopen_finished(target: WriteTarget, identity: CacheIdentity) -> tuple[DoneUnits, str]:
+def _reopen_finished(target: WriteTarget, identity: CacheIdentity) -> DoneUnits:
     """Resume into a finalized cache: its units become markers, and it is unfinished until the next finalize.
 
     Order: the incomplete marker, every unit's marker, then the manifest goes. A crash in between leaves
@@ -128,11 +127,10 @@ def _reopen_finished(target: WriteTarget, identity: CacheIdentity) -> tuple[Done
         write_unit_marker(target, u, rec)
     target.delete(MANIFEST_NAME)
     target.sync()
-    return done, m.created_at
+    return done
 
 
-def _resume_unfinished(target: WriteTarget, identity: CacheIdentity, entries: dict[str, int | None],
-                       created_at: str) -> tuple[DoneUnits, str]:
+def _resume_unfinished(target: WriteTarget, identity: CacheIdentity, entries: dict[str, int | None]) -> DoneUnits:
     try:
         data = target.read(INCOMPLETE_MARKER, MAX_MANIFEST_BYTES)
     except (OSError, ManifestError) as exc:
@@ -147,7 +145,7 @@ def _resume_unfinished(target: WriteTarget, identity: CacheIdentity, entries: di
                 write_unit_marker(target, u, rec)
         target.delete(PROGRESS_JOURNAL)
     target.sync()
-    return done, marker.created_at or created_at
+    return done
 
 
 # ------------------------------------------------------------ unit markers

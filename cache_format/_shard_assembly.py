@@ -28,11 +28,10 @@ from cache_format.shard import build_table, merge_blocks, read_shard_encoding, s
 class ShardAssembler:
     """Cuts the written rows into shards of at most ``max_shard_rows`` rows / ``max_shard_bytes`` raw bytes."""
 
-    def __init__(self, target: WriteTarget, identity: CacheIdentity, done: DoneUnits, created_at: str, *,
+    def __init__(self, target: WriteTarget, identity: CacheIdentity, done: DoneUnits, *,
                  max_shard_rows: int, max_shard_bytes: int, compression_level: int, id_coding: str) -> None:
         self.target = target
         self.identity = identity
-        self.created_at = created_at
         self.max_shard_rows = max_shard_rows
         self.max_shard_bytes = max_shard_bytes
         self.compression_level = compression_level
@@ -137,7 +136,7 @@ def resolve_id_coding(requested: str | None, target: WriteTarget, mode: str) -> 
 def stored_id_coding(target: WriteTarget, name: str) -> str | None:
     """The id coding shard ``name`` was written with (its footer only: cheap); None when it is unreadable."""
     try:
-        with target._storage.open(name) as fh, pa.ipc.open_file(fh) as reader:
+        with target.storage.open(name) as fh, pa.ipc.open_file(fh) as reader:
             schema = reader.schema
     except (pa.ArrowException, OSError, CacheError):
         return None

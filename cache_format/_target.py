@@ -70,7 +70,7 @@ class WriteTarget:
 
     def read(self, name: str, max_bytes: int) -> bytes:
         """A small file (marker, manifest) whole; refused when over ``max_bytes``."""
-        return self._storage.read_bytes(name, max_bytes)
+        return self.storage.read_bytes(name, max_bytes)
 
     def delete(self, name: str) -> None:
         """Remove ``name``; a missing one is fine (another worker or an earlier run removed it)."""
@@ -79,7 +79,10 @@ class WriteTarget:
     def sync(self) -> None:
         """Make the renames so far durable (local folders); object stores commit each PUT on its own."""
 
-    _storage: Storage
+    def makedirs(self) -> None:
+        """Create the root (local folders); an object store has no folders to create."""
+
+    storage: Storage  # the read side of the same root (shard footers, checksums)
 
 
 class LocalTarget(WriteTarget):
@@ -87,7 +90,7 @@ class LocalTarget(WriteTarget):
         self.root = Path(local_path(str(root)))
         self.url = str(self.root)
         self.remote = False
-        self._storage = Storage(str(self.root))
+        self.storage = Storage(str(self.root))
 
     def describe(self, name: str = "") -> str:
         return str(self.root / name) if name else str(self.root)
@@ -141,7 +144,7 @@ class RemoteTarget(WriteTarget):
         self.remote = True
         self.fs, root, self.tries = remote_filesystem(url, storage_options)
         self.root = root.rstrip("/")
-        self._storage = Storage(url, storage_options)
+        self.storage = Storage(url, storage_options)
         config = {**S3_CONFIG_DEFAULTS, **((storage_options or {}).get("config_kwargs") or {})}
         self._per_try_s = float(config.get("connect_timeout") or 60) + float(config.get("read_timeout") or 60)
 

@@ -20,7 +20,7 @@ import os
 from typing import Any
 
 from cache_format._cache_dir import DoneUnits, read_done_units
-from cache_format._files import TEMP_NAME_RE, WRITER_SHARD_RE
+from cache_format._files import WRITER_SHARD_RE
 from cache_format._target import WriteTarget, open_target
 from cache_format.encodings.idset import DEFAULT_ID_CODING
 from cache_format.errors import CacheNotFoundError, ChecksumMismatchError, ManifestError, MissingUnitsError
@@ -71,8 +71,7 @@ def finalize_target(target: WriteTarget, *, verify: bool = False, allow_missing:
         _check_all_units(target, marker.identity, done)
     keep = {s.name for rec in done.values() for s in rec.shards}
     for name in sorted(entries):  # leftovers: no worker is mid-unit once every unit is complete
-        if (TEMP_NAME_RE.fullmatch(name) or name.startswith(TMP_PREFIX)
-                or WRITER_SHARD_RE.fullmatch(name)) and name not in keep:
+        if (name.startswith(TMP_PREFIX) or WRITER_SHARD_RE.fullmatch(name)) and name not in keep:
             target.delete(name)
     identity = _final_identity(marker.identity)
     shards = [s for rec in done.values() for s in rec.shards]
@@ -142,7 +141,7 @@ def _check_sha256(target: WriteTarget, done: DoneUnits) -> None:
     for rec in done.values():
         for s in rec.shards:
             digest = hashlib.sha256()
-            for chunk in target._storage.shard_chunks(s.name, s.bytes):
+            for chunk in target.storage.shard_chunks(s.name, s.bytes):
                 digest.update(chunk)
             if digest.hexdigest() != s.sha256:
                 raise ChecksumMismatchError(f"shard {target.describe(s.name)} of unit {s.unit}: sha256 differs from "

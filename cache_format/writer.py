@@ -70,9 +70,9 @@ class CacheWriter:
         self.identity = identity
         self.mode = mode
         id_coding = resolve_id_coding(id_coding, self._target, mode)
-        done, created_at = prepare_cache_dir(self._target, identity, mode)
+        done = prepare_cache_dir(self._target, identity, mode)
         self._resumed_units = frozenset(done)
-        self._assembler = ShardAssembler(self._target, identity, done, created_at, max_shard_rows=max_shard_rows,
+        self._assembler = ShardAssembler(self._target, identity, done, max_shard_rows=max_shard_rows,
                                          max_shard_bytes=max_shard_bytes, compression_level=compression_level,
                                          id_coding=id_coding)
         # Shared with the background thread, which adds the encode/write times and counts.
