@@ -3,11 +3,8 @@ their final names, one marker object per unit, the manifest last; kill -9 and a 
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,8 +17,8 @@ from cache_format.finalize import finalize_cache
 from cache_format.manifest import INCOMPLETE_MARKER, MANIFEST_NAME, UNIT_MARKER_RE
 from helpers.cache import identity, topk_batch
 from helpers.moto_s3 import CREDENTIALS, fast_options, list_keys, moto_available, moto_server
+from helpers.writer_child import WriterChild
 
-HERE = Path(__file__).resolve().parent
 BOUND_S = 60
 
 if not moto_available():
@@ -92,49 +89,19 @@ def test_writer_into_a_memory_url_and_finalize_by_count(tmp_path: Path) -> None:
     assert len(rows_of(url)) == 12
 
 
-CHILD = """
-import json, sys, time
-from helpers.cache import identity, topk_batch
-from cache_format import CacheWriter
-url, opts = sys.argv[1], json.loads(sys.argv[2])
-with CacheWriter(url, identity(), mode="resume", max_shard_rows=3, storage_options=opts) as w:
-    for u in range(12):
-        if u in w.completed_units:
-            continue
-        for part in range(2):
-            w.write(topk_batch([f"u{u}-{part}-{i}" for i in range(2)], seed=100 * u + part))
-            time.sleep(0.01)
-        w.end_unit(u)
-        print(u, flush=True)
-    w.finalize()
-"""
-
-
 @pytest.mark.slow
 def test_kill_minus_9_mid_upload_then_resume_into_the_same_prefix(tmp_path: Path) -> None:
-    script = tmp_path / "child.py"
-    script.write_text(CHILD)
-    env = {**os.environ, **CREDENTIALS, "PYTHONPATH": os.pathsep.join([str(HERE.parents[1]), str(HERE.parent)])}
-    subprocess.run([sys.executable, str(script), str(tmp_path / "ref"), "{}"], check=True, env=env, timeout=120,
-                   stdout=subprocess.DEVNULL)
+    child = WriterChild(tmp_path, **CREDENTIALS)
+    child.run_to_end(str(tmp_path / "ref"))
     with moto_server() as (_, endpoint):
         opts = fast_options(endpoint)
         url = "s3://caches/killed"
         progress = []
         for after_unit, extra in ((1, 0.0), (4, 0.013), (7, 0.027)):
-            proc = subprocess.Popen([sys.executable, str(script), url, json.dumps(opts)], env=env,
-                                    stdout=subprocess.PIPE, text=True)
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                if int(line) >= after_unit:
-                    break
-            time.sleep(extra)
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=60)
+            child.kill_after(url, after_unit, extra, opts)
             progress.append(sum(1 for k in list_keys(endpoint, "caches", "killed") if UNIT_MARKER_RE.fullmatch(k)))
         assert MANIFEST_NAME not in list_keys(endpoint, "caches", "killed") and 0 < max(progress) < 12, progress
-        subprocess.run([sys.executable, str(script), url, json.dumps(opts)], check=True, env=env, timeout=120,
-                       stdout=subprocess.DEVNULL)
+        child.run_to_end(url, opts)
         assert rows_of(url, opts) == rows_of(str(tmp_path / "ref"))  # every unit exactly once, in order
         assert open_cache(url, opts).manifest.units == list(range(12))
         assert list_keys(endpoint, "caches", "killed") == sorted(p.name for p in (tmp_path / "ref").iterdir())

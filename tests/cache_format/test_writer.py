@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +20,7 @@ from cache_format import (
 from cache_format.errors import DuplicateError, EncodingError, WriterStateError
 from cache_format.manifest import INCOMPLETE_MARKER, MANIFEST_NAME, PROGRESS_JOURNAL, UNIT_MARKER_RE
 from helpers.cache import identity, topk_batch, write_topk_cache
-
-HERE = Path(__file__).resolve().parent
+from helpers.writer_child import WriterChild
 
 
 def rows_of(root: Path) -> list[tuple[str, bytes, bytes]]:
@@ -149,47 +143,19 @@ def test_rows_without_end_unit_become_a_last_unit(tmp_path: Path) -> None:
     assert w.stats["rows"] == 6 and w.stats["encode_s"] > 0
 
 
-CHILD = """
-import sys, time
-from helpers.cache import identity, topk_batch
-from cache_format import CacheWriter
-with CacheWriter(sys.argv[1], identity(), mode="resume", max_shard_rows=3) as w:
-    for u in range(12):
-        if u in w.completed_units:
-            continue
-        for part in range(2):
-            w.write(topk_batch([f"u{u}-{part}-{i}" for i in range(2)], seed=100 * u + part))
-            time.sleep(0.01)
-        w.end_unit(u)
-        print(u, flush=True)
-    w.finalize()
-"""
-
-
 @pytest.mark.slow
 def test_kill_minus_9_at_any_moment_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
-    script = tmp_path / "child.py"
-    script.write_text(CHILD)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parents[1]), str(HERE.parent)])}
-    subprocess.run([sys.executable, str(script), str(tmp_path / "ref")], check=True, env=env, timeout=120,
-                   stdout=subprocess.DEVNULL)
+    child = WriterChild(tmp_path)
+    child.run_to_end(str(tmp_path / "ref"))
     root = tmp_path / "killed"
     progress = []
     # Kill after different units were queued, at different offsets into the next one: mid-write,
     # mid-encode, between rename and unit marker, ...
     for after_unit, extra in ((0, 0.0), (3, 0.013), (6, 0.027), (9, 0.005)):
-        proc = subprocess.Popen([sys.executable, str(script), str(root)], env=env, stdout=subprocess.PIPE, text=True)
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if int(line) >= after_unit:
-                break
-        time.sleep(extra)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
+        child.kill_after(str(root), after_unit, extra)
         progress.append(sum(1 for p in root.iterdir() if UNIT_MARKER_RE.fullmatch(p.name)))
     assert not (root / MANIFEST_NAME).exists() and 0 < max(progress) < 12, progress
-    subprocess.run([sys.executable, str(script), str(root)], check=True, env=env, timeout=120,
-                   stdout=subprocess.DEVNULL)
+    child.run_to_end(str(root))
     assert rows_of(root) == rows_of(tmp_path / "ref")
     verify_cache(root)
     names = sorted(p.name for p in root.iterdir())

@@ -36,6 +36,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -427,3 +428,25 @@ if __name__ == "__main__":
 
 
 __all__ = ["DEFAULT_FSIZE_LIMIT", "ForkRunner", "Result", "SpawnRunner", "child_env", "make_runner"]
+
+
+def kill_when(proc: subprocess.Popen[bytes], ready: Callable[[], bool], what: str, *, poll_s: float = 0.005,
+              timeout_s: float = 240.0) -> None:
+    """SIGKILL ``proc`` as soon as ``ready()`` holds (kill -9 mid-run); it must still be running then.
+
+    Used by the tests that kill a dump after some units are committed and then resume it; the
+    child's stderr pipe (if any) is closed, and its tail is shown when it ended too early.
+    """
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not ready() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(poll_s)
+        if proc.poll() is not None:
+            tail = proc.stderr.read().decode()[-2000:] if proc.stderr else ""
+            raise AssertionError(f"{what} ended before it could be killed: {tail}")
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+        if proc.stderr:
+            proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL

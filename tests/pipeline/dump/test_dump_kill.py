@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +12,7 @@ import pytest
 
 from cache_format import verify_cache
 from cache_format.manifest import INCOMPLETE_MARKER, MANIFEST_NAME, UNIT_MARKER_RE
+from helpers.subproc import kill_when
 from pipeline.dump.run import DumpConfig, run_dump
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -27,7 +26,7 @@ def _args(model: Path, data: Path, out: Path) -> list[str]:
             "16", "--unit-rows", "2", "--unit-bytes", "96", "--batch-size", "2", "--device", "cpu", "--no-progress"]
 
 
-def _journaled_units(out: Path) -> int:
+def _committed_units(out: Path) -> int:
     """Units committed so far: one marker file each."""
     try:
         return sum(1 for p in out.iterdir() if UNIT_MARKER_RE.fullmatch(p.name))
@@ -46,19 +45,9 @@ def test_sigkill_then_resume_equals_uninterrupted(tiny_lm_dir: Path, tiny_texts:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "dump-teacher", *_args(tiny_lm_dir, data, killed)],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 240
-    try:
-        while _journaled_units(killed) < 3 and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.005)
-        assert proc.poll() is None, f"the dump ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait(timeout=60)
-        if proc.stderr:
-            proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    kill_when(proc, lambda: _committed_units(killed) >= 3, "the dump")
     assert not (killed / MANIFEST_NAME).exists() and (killed / INCOMPLETE_MARKER).exists()
-    units_before = _journaled_units(killed)
+    units_before = _committed_units(killed)
 
     cfg = DumpConfig.model_validate({
         "teacher": str(tiny_lm_dir), "dataset": str(data), "top_k": 8, "max_length": 16, "unit_rows": 2,

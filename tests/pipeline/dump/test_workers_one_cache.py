@@ -5,10 +5,8 @@ writes none twice. Also the worker index/count defaults from torchrun and SLURM 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from cache_format.errors import MissingUnitsError
 from cache_format.finalize import finalize_cache
 from cache_format.manifest import MANIFEST_NAME, UNIT_MARKER_RE
 from helpers.moto_s3 import CREDENTIALS, list_keys, moto_available, moto_server
+from helpers.subproc import kill_when
 from pipeline.dump.config import DumpConfig, resolve_workers
 from pipeline.dump.run import run_dump
 from pipeline.errors import ConfigError
@@ -187,19 +186,8 @@ def test_kill_minus_9_of_one_worker_then_rerun_it(place: _Place, tiny_lm_dir: Pa
     env = _env()
     args = [_args(tiny_lm_dir, text_data, place.url, [*place.flags, "--num-workers", "2", "--worker-index", str(i)])
             for i in range(2)]
-    victim = _spawn(args[1], env)
-    deadline = time.monotonic() + 240
-    try:
-        while len([u for u in place.markers() if u % 2 == 1]) < 3 and victim.poll() is None \
-                and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert victim.poll() is None, "worker 1 ended before it could be killed"
-        victim.send_signal(signal.SIGKILL)
-    finally:
-        victim.wait(timeout=60)
-        if victim.stderr:
-            victim.stderr.close()
-    assert victim.returncode == -signal.SIGKILL
+    kill_when(_spawn(args[1], env), lambda: len([u for u in place.markers() if u % 2 == 1]) >= 3, "worker 1",
+              poll_s=0.01)
     log = _wait(_spawn(args[0], env), "worker 0")
     assert "the cache is not finalized" in log and "worker 1" in log
     assert MANIFEST_NAME not in place.names()
