@@ -345,6 +345,9 @@ def dataset_location(name: str, limit: int | None) -> tuple[Path, bool]:
     looks_local = path.exists() or name.startswith((".", "/", "~")) or path.suffix.lower() in EXT_FORMAT
     if looks_local and not path.exists():
         raise DatasetError(f"dataset path {path} does not exist; pass an existing file or folder to --dataset")
+    if looks_local and not (path.is_file() or path.is_dir()):
+        # A FIFO, socket or device: opening it could block forever or read without end.
+        raise DatasetError(f"dataset path {path} is not a regular file or folder; pass a file or folder to --dataset")
     return path, looks_local
 
 

@@ -81,3 +81,15 @@ def test_errors_name_the_flag(tmp_path: Path) -> None:
     (tmp_path / "blob.bin").write_text("\x00\x01 not a known format")
     with pytest.raises(DatasetError, match="--dataset-format"):
         load_dataset_rows(str(tmp_path / "blob.bin"))
+
+
+def test_a_fifo_is_refused_before_it_is_opened(tmp_path: Path) -> None:
+    import os
+
+    from pipeline.dump.sources import open_source
+
+    fifo = tmp_path / "corpus.txt"
+    os.mkfifo(fifo)  # opening it for reading would block until a writer appears: never, here
+    for load in (load_dataset_rows, open_source):
+        with pytest.raises(DatasetError, match=r"corpus\.txt is not a regular file or folder.*--dataset"):
+            load(str(fifo))
